@@ -23,7 +23,11 @@ ERROR_CODE_PATTERN: Final = r"^[a-z][a-z0-9_]*$"
 SIGNATURE_PATTERN: Final = r"^t=[0-9]+,v1=[0-9a-fA-F]{64}$"
 MAX_BODY_BYTES: Final = 16 * 1024
 MAX_QUANTITY: Final = 1_000_000
-MAX_INT32: Final = 2**31 - 1
+MAX_PRICE_CENTS: Final = 1_000_000_000
+MAX_STOCK: Final = 1_000_000_000
+MAX_PER_USER_LIMIT: Final = 1_000_000
+MAX_HOLD_SECONDS: Final = 30 * 86_400
+CONTROL_CHARACTER: Final = r"[\x00-\x1f\x7f]"
 SKU_MAX_LENGTH: Final = 64
 NAME_MAX_LENGTH: Final = 200
 DEFAULT_PER_USER_LIMIT: Final = 1
@@ -93,6 +97,13 @@ def _string(min_length: int = 1, max_length: int | None = None, **extra: Any) ->
     if max_length is not None:
         schema["maxLength"] = max_length
     schema.update(extra)
+    return schema
+
+
+def _text(max_length: int) -> JSONObject:
+    """Human text: 1..max_length characters, no control characters."""
+    schema = _string(max_length=max_length, description="No control characters.")
+    schema["not"] = {"pattern": CONTROL_CHARACTER}
     return schema
 
 
@@ -281,13 +292,13 @@ def _schemas() -> JSONObject:
         ),
         "SaleCreate": _object(
             {
-                "sku": _string(max_length=SKU_MAX_LENGTH),
-                "name": _string(max_length=NAME_MAX_LENGTH),
-                "price_cents": _integer(0, MAX_INT32, description="Unit price in cents."),
-                "stock": _integer(0, MAX_INT32, description="Initial stock."),
+                "sku": _text(SKU_MAX_LENGTH),
+                "name": _text(NAME_MAX_LENGTH),
+                "price_cents": _integer(0, MAX_PRICE_CENTS, description="Unit price in cents."),
+                "stock": _integer(0, MAX_STOCK, description="Initial stock."),
                 "per_user_limit": _integer(
                     1,
-                    MAX_INT32,
+                    MAX_PER_USER_LIMIT,
                     default=DEFAULT_PER_USER_LIMIT,
                     description="Max quantity one buyer may hold across accepted orders.",
                 ),
@@ -297,7 +308,7 @@ def _schemas() -> JSONObject:
                 ),
                 "hold_seconds": _integer(
                     1,
-                    MAX_INT32,
+                    MAX_HOLD_SECONDS,
                     default=DEFAULT_HOLD_SECONDS,
                     description="How long an unpaid order holds its stock.",
                 ),
@@ -306,7 +317,13 @@ def _schemas() -> JSONObject:
             description="New sale. Unknown fields are rejected with 400 `invalid_request`.",
         ),
         "Restock": _object(
-            {"quantity": _integer(1, MAX_QUANTITY, description="Units to add to stock.")},
+            {
+                "quantity": _integer(
+                    1,
+                    MAX_QUANTITY,
+                    description=f"Units to add; total stock may not exceed {MAX_STOCK}.",
+                )
+            },
             description="Stock to add to a sale.",
         ),
         "OrderCreate": _object(
@@ -529,7 +546,10 @@ def _sale_paths() -> JSONObject:
                 "admin",
                 {
                     "200": _response("The sale after the restock.", _schema("Sale")),
-                    "400": _bad_request("malformed JSON, quantity out of bounds, unknown fields"),
+                    "400": _bad_request(
+                        "malformed JSON, quantity out of bounds, unknown fields, or total stock "
+                        f"would exceed {MAX_STOCK}"
+                    ),
                     "404": _sale_not_found(),
                     "503": _unavailable(),
                 },

@@ -347,6 +347,7 @@ def test_sale_create_bounds(doc: JSONObject) -> None:
     minimal = {"sku": "S", "name": "N", "price_cents": 0, "stock": 0}
     _check(doc, "SaleCreate", minimal)
     _check(doc, "SaleCreate", {**minimal, "ends_at": None, "starts_at": "2030-01-01T00:00:00Z"})
+    _check(doc, "SaleCreate", {**minimal, "sku": "x" * 64, "name": "Größe 42 — ☂ " * 10})
     for bad in (
         {**minimal, "unknown": 1},
         {**minimal, "price_cents": -1},
@@ -356,6 +357,9 @@ def test_sale_create_bounds(doc: JSONObject) -> None:
         {**minimal, "sku": ""},
         {**minimal, "sku": "x" * 65},
         {**minimal, "name": "x" * 201},
+        {**minimal, "name": "line\nbreak"},
+        {**minimal, "sku": "tab\t"},
+        {**minimal, "sku": "del\x7f"},
         {"sku": "S", "name": "N", "price_cents": 0},
     ):
         assert _rejects(doc, "SaleCreate", bad), bad
