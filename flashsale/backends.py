@@ -1,0 +1,68 @@
+"""Connections to Redis and PostgreSQL, opened and closed by their owner
+(the app's cleanup_ctx, or a CLI command) — never module globals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from redis.asyncio import Redis
+
+from flashsale.config import Settings
+from flashsale.keys import SaleKeys
+from flashsale.scripts import Scripts
+
+Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    settings: Settings
+    redis: Redis
+    pg: asyncpg.Pool
+    scripts: Scripts
+
+    def keys(self, sale_id: str) -> SaleKeys:
+        return SaleKeys(self.settings.key_prefix, sale_id, self.settings.redis_cluster)
+
+
+def redis_client(settings: Settings) -> Redis:
+    assert settings.redis_url, "redis_url must be set (embedded servers fill it in)"
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=10,
+        max_connections=256,
+    )
+
+
+async def pg_pool(settings: Settings) -> asyncpg.Pool:
+    assert settings.database_url, "database_url must be set (embedded servers fill it in)"
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=settings.pg_pool_min,
+        max_size=settings.pg_pool_max,
+        timeout=settings.pg_timeout_s,
+        command_timeout=settings.pg_timeout_s * 6,
+    )
+    assert pool is not None
+    return pool
+
+
+@asynccontextmanager
+async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
+    redis = redis_client(settings)
+    try:
+        pool = await pg_pool(settings)
+        try:
+            scripts = Scripts.register(redis)
+            yield Backends(settings, redis, pool, scripts)
+        finally:
+            await pool.close()
+    finally:
+        await redis.aclose()

@@ -1,0 +1,202 @@
+"""`flashsale` command line: up, serve, consume, compensate, migrate, token, reconcile."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import orjson
+from aiohttp import web
+
+from flashsale import auth, errors, ledger, migrate, runtime
+from flashsale.backends import open_backends
+from flashsale.compensate import Compensator
+from flashsale.config import ConfigError, Settings
+from flashsale.metrics import Metrics
+from flashsale.persist import Persister
+from flashsale.web.app import Workers, _periodic_rebuild, create_app
+
+WORKERS_MAX = 64
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashsale", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("up", help="all in one: servers, migrations, HTTP, consumer, compensator")
+    serve = sub.add_parser("serve", help="the HTTP front only")
+    serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    sub.add_parser("consume", help="the stream consumer (persists orders)")
+    sub.add_parser("compensate", help="the compensator (expiry, releases, Redis rebuilds)")
+    sub.add_parser("migrate", help="apply database migrations")
+    tok = sub.add_parser("token", help="print a buyer JWT")
+    tok.add_argument("user_id")
+    tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    rec = sub.add_parser("reconcile", help="print a sale's ledger (exit 1 when inconsistent)")
+    rec.add_argument("sale_id")
+    rec.add_argument("--repair", action="store_true", help="rebuild Redis from PostgreSQL first")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"flashsale: configuration error: {exc}", file=sys.stderr)
+        return 2
+    runtime.setup_logging()
+    try:
+        return _dispatch(args, settings)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a clear message, never a traceback
+        from flashsale.embedded import EmbeddedError
+
+        if isinstance(exc, EmbeddedError | ConnectionError | OSError):
+            print(f"flashsale: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    cmd = args.command
+    if cmd == "token":
+        return _token(settings, args.user_id, args.ttl)
+    settings = runtime.keep_generated_secrets(settings)
+    if cmd == "serve" and args.workers != 1:
+        return _serve_many(settings, args.workers)
+    with runtime.backing_servers(settings) as s:
+        if cmd == "up":
+            return runtime.run(lambda: _up(s))
+        if cmd == "serve":
+            return runtime.run(lambda: _serve(s, Workers(), announce=False))
+        if cmd == "consume":
+            return runtime.run(lambda: _loop(s, "consumer"))
+        if cmd == "compensate":
+            return runtime.run(lambda: _loop(s, "compensator"))
+        if cmd == "migrate":
+            return runtime.run(lambda: _migrate(s))
+        if cmd == "reconcile":
+            return runtime.run(lambda: _reconcile(s, args.sale_id, args.repair))
+    raise AssertionError(cmd)
+
+
+def _token(settings: Settings, user_id: str, ttl: int) -> int:
+    if not 1 <= ttl <= 30 * 86_400:
+        print("flashsale: --ttl must be 1..2592000 seconds", file=sys.stderr)
+        return 2
+    settings = runtime.keep_generated_secrets(settings)
+    try:
+        print(auth.mint(settings.jwt_secret, user_id, ttl))
+    except errors.Unauthorized as exc:
+        print(f"flashsale: {exc.message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _migrate(s: Settings) -> int:
+    import asyncpg
+
+    assert s.database_url
+    conn = await asyncpg.connect(s.database_url)
+    try:
+        done = await migrate.migrate(conn)
+    finally:
+        await conn.close()
+    for m in done:
+        print(f"applied {m.version:04d}_{m.name}")
+    if not done:
+        print("migrations are current")
+    return 0
+
+
+async def _up(s: Settings) -> int:
+    await _migrate(s)
+    return await _serve(s, Workers(consumer=True, compensator=True), announce=True)
+
+
+async def _serve(s: Settings, workers: Workers, *, announce: bool) -> int:
+    stop = runtime.stop_event()
+    runner = web.AppRunner(create_app(s, workers), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, s.host, s.port, reuse_port=True, backlog=4096)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else s.port
+    if announce:
+        _announce(s, port)
+    await stop.wait()
+    await runner.cleanup()
+    return 0
+
+
+def _announce(s: Settings, port: int) -> None:
+    url = f"http://{s.host}:{port}"
+    lines = [
+        f"flashsale is up at {url}  (readiness: {url}/readyz)",
+        f"admin token:  {s.admin_token}",
+        "mint a buyer token:  .venv/bin/flashsale token alice   "
+        "(uses the secrets kept in FLASHSALE_DATA_DIR/secrets.json)",
+        f"  or: FLASHSALE_JWT_SECRET={s.jwt_secret} .venv/bin/flashsale token alice",
+        f"webhook secret: {s.webhook_secret}",
+        "Ctrl-C stops everything.",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+async def _loop(s: Settings, which: str) -> int:
+    stop = runtime.stop_event()
+    async with open_backends(s) as b:
+        m = Metrics()
+        if which == "consumer":
+            await Persister(b, m).run(stop)
+        else:
+            app = web.Application()
+            from flashsale.web.keys import BACKENDS
+
+            app[BACKENDS] = b
+            await asyncio.gather(Compensator(b, m).run(stop), _periodic_rebuild(app, stop))
+    return 0
+
+
+async def _reconcile(s: Settings, sale_id: str, repair: bool) -> int:
+    async with open_backends(s) as b:
+        try:
+            figures = await ledger.reconcile(b, sale_id, repair=repair)
+        except errors.FlashsaleError as exc:
+            print(f"flashsale: {exc.message}", file=sys.stderr)
+            return 2
+    print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
+    return 0 if figures["consistent"] else 1
+
+
+def _serve_many(settings: Settings, workers: int) -> int:
+    """N front processes sharing the port (SO_REUSEPORT); signals are forwarded."""
+    if not 1 <= workers <= WORKERS_MAX:
+        print(f"flashsale: --workers must be 1..{WORKERS_MAX}", file=sys.stderr)
+        return 2
+    with runtime.backing_servers(settings) as s:
+        env = dict(os.environ)
+        env.update({
+            "FLASHSALE_REDIS_URL": s.redis_url or "",
+            "FLASHSALE_DATABASE_URL": s.database_url or "",
+            "FLASHSALE_ADMIN_TOKEN": s.admin_token, "FLASHSALE_JWT_SECRET": s.jwt_secret,
+            "FLASHSALE_WEBHOOK_SECRET": s.webhook_secret,
+        })
+        cmd = [sys.executable, "-m", "flashsale", "serve", "--workers", "1"]
+        children = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+
+        def forward(signum: int, _frame: object) -> None:
+            for c in children:
+                with contextlib.suppress(ProcessLookupError):
+                    c.send_signal(signum)
+
+        signal.signal(signal.SIGINT, forward)
+        signal.signal(signal.SIGTERM, forward)
+        codes = [c.wait() for c in children]
+    return max(codes, default=0)

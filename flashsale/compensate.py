@@ -1,0 +1,184 @@
+"""Compensation: every release of held stock happens exactly once.
+
+A release is two steps, each exactly once:
+1. PostgreSQL: a guarded status transition (``WHERE status = ANY(...)``) and a
+   ``releases`` row, in one statement. Whoever commits first wins a race
+   (expiry vs payment, cancel vs pay, two compensators); the loser changes
+   nothing.
+2. Redis: the ``release`` script, guarded by the order's hold entry, then the
+   release row is marked done. The ``releases`` rows not yet marked are an
+   outbox: the compensator retries them, so a crash between 1 and 2 loses
+   nothing and the script's guard makes the retry harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from flashsale import sales
+from flashsale.backends import Backends, Conn
+from flashsale.metrics import Metrics
+
+log = logging.getLogger("flashsale.compensate")
+
+HOLDING = ("awaiting_payment",)
+OUTBOX_GRACE_S = 1.0
+
+_RELEASE = """
+WITH o AS (
+    UPDATE orders SET status = $2, updated_at = now()
+    WHERE order_id = $1 AND status = ANY($3::text[])
+    RETURNING order_id, sale_id, quantity
+), s AS (
+    UPDATE sales SET sold = sales.sold - o.quantity FROM o WHERE sales.sale_id = o.sale_id
+    RETURNING 1
+), r AS (
+    INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail)
+    SELECT order_id, sale_id, quantity, $2, $4, $5 FROM o
+    RETURNING 1
+)
+SELECT order_id, sale_id, quantity FROM o
+"""
+
+_EXPIRE_DUE = """
+WITH due AS (
+    SELECT order_id FROM orders
+    WHERE status = 'awaiting_payment' AND expires_at <= now()
+    ORDER BY expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), o AS (
+    UPDATE orders SET status = 'expired', updated_at = now()
+    FROM due WHERE orders.order_id = due.order_id
+    RETURNING orders.order_id, orders.sale_id, orders.quantity
+), per_sale AS (
+    SELECT sale_id, sum(quantity) AS qty FROM o GROUP BY sale_id
+), s AS (
+    UPDATE sales SET sold = sales.sold - per_sale.qty FROM per_sale
+    WHERE sales.sale_id = per_sale.sale_id RETURNING 1
+), r AS (
+    INSERT INTO releases (order_id, sale_id, quantity, reason, actor)
+    SELECT order_id, sale_id, quantity, 'expired', $2 FROM o
+    RETURNING 1
+)
+SELECT order_id, sale_id, quantity FROM o
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    order_id: str
+    sale_id: str
+    quantity: int
+
+
+async def release_in_redis(b: Backends, order_id: str, sale_id: str) -> int:
+    """Step 2: return the stock in Redis (guarded), then close the outbox row.
+    A sale missing in Redis (-1) leaves the row open, for after the rebuild."""
+    k = b.keys(sale_id)
+    qty = int(await b.scripts.release(keys=[k.sale, k.users, k.holds], args=[order_id]))
+    if qty < 0:
+        return qty
+    await b.pg.execute(
+        "UPDATE releases SET redis_released_at = now() "
+        "WHERE order_id = $1 AND redis_released_at IS NULL",
+        order_id,
+    )
+    return qty
+
+
+async def release(
+    b: Backends,
+    order_id: str,
+    reason: str,
+    actor: str,
+    *,
+    from_statuses: tuple[str, ...] = HOLDING,
+    detail: str | None = None,
+    conn: Conn | None = None,
+) -> Released | None:
+    """Step 1 (guarded transition + release row); None when it lost the race."""
+    runner = conn if conn is not None else b.pg
+    row = await runner.fetchrow(_RELEASE, order_id, reason, list(from_statuses), actor, detail)
+    if row is None:
+        return None
+    return Released(row["order_id"], row["sale_id"], row["quantity"])
+
+
+async def release_and_return(
+    b: Backends, order_id: str, reason: str, actor: str, *, detail: str | None = None,
+    from_statuses: tuple[str, ...] = HOLDING, metrics: Metrics | None = None,
+) -> Released | None:
+    done = await release(b, order_id, reason, actor, from_statuses=from_statuses, detail=detail)
+    if done is not None:
+        try:
+            await release_in_redis(b, done.order_id, done.sale_id)
+        except (RedisError, OSError) as exc:  # the outbox sweep finishes it
+            log.warning("release of %s pending in Redis: %r", order_id, exc)
+        if metrics is not None:
+            metrics.releases.labels(reason).inc()
+    return done
+
+
+class Compensator:
+    """Expires unpaid holds and finishes every release and restock in Redis."""
+
+    def __init__(self, backends: Backends, metrics: Metrics, name: str = "compensator") -> None:
+        self._b = backends
+        self._m = metrics
+        self.name = name
+
+    async def run(self, stop: asyncio.Event) -> None:
+        interval = self._b.settings.compensator_interval_s
+        while not stop.is_set():
+            try:
+                await self.step()
+            except (TimeoutError, OSError, RedisError, asyncpg.PostgresError) as exc:
+                log.warning("compensator step failed: %r", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def step(self) -> int:
+        """One bounded round; returns the number of releases finished in Redis."""
+        expired = await self.expire_due()
+        swept = await self.sweep_outbox()
+        await self.sweep_restocks()
+        return expired + swept
+
+    async def expire_due(self) -> int:
+        rows = await self._b.pg.fetch(
+            _EXPIRE_DUE, self._b.settings.compensator_batch_max, self.name
+        )
+        for row in rows:
+            await release_in_redis(self._b, row["order_id"], row["sale_id"])
+        if rows:
+            self._m.releases.labels("expired").inc(len(rows))
+        return len(rows)
+
+    async def sweep_outbox(self) -> int:
+        rows = await self._b.pg.fetch(
+            "SELECT order_id, sale_id FROM releases WHERE redis_released_at IS NULL "
+            "AND created_at <= now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2",
+            OUTBOX_GRACE_S, self._b.settings.compensator_batch_max,
+        )
+        for row in rows:
+            await release_in_redis(self._b, row["order_id"], row["sale_id"])
+        return len(rows)
+
+    async def sweep_restocks(self) -> int:
+        rows = await self._b.pg.fetch(
+            "SELECT restock_id, sale_id, quantity FROM restocks WHERE applied_at IS NULL "
+            "AND created_at <= now() - make_interval(secs => $1) ORDER BY restock_id LIMIT $2",
+            OUTBOX_GRACE_S, self._b.settings.compensator_batch_max,
+        )
+        for row in rows:
+            await sales.apply_restock(
+                self._b, row["sale_id"], row["restock_id"], row["quantity"]
+            )
+        return len(rows)

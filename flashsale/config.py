@@ -1,0 +1,141 @@
+"""Settings: one frozen dataclass, built from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+SECRET_MIN_CHARS = 16
+SECRET_MAX_CHARS = 512
+
+
+class ConfigError(Exception):
+    """The configuration is invalid."""
+
+
+def _valid_secret(name: str, value: str) -> str:
+    if not (SECRET_MIN_CHARS <= len(value) <= SECRET_MAX_CHARS):
+        raise ConfigError(
+            f"{name} must be {SECRET_MIN_CHARS}-{SECRET_MAX_CHARS} characters (got {len(value)})"
+        )
+    if not all("\x21" <= ch <= "\x7e" for ch in value):
+        raise ConfigError(f"{name} must be printable ASCII without spaces")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer (got {raw!r})") from None
+    if not lo <= value <= hi:
+        raise ConfigError(f"{name} must be between {lo} and {hi} (got {value})")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    raw = env.get(name) or None
+    if raw is None:
+        return None
+    scheme = urlsplit(raw).scheme
+    if scheme not in schemes:
+        raise ConfigError(f"{name} must be a URL with scheme {' or '.join(schemes)} (got {raw!r})")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service reads from its environment, validated."""
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".flashsale")
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    webhook_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    generated: tuple[str, ...] = ()
+    key_prefix: str = "fs"
+    redis_cluster: bool = False
+    redis_appendfsync: str = "everysec"
+    # reservation path
+    idempotency_ttl_s: int = 86_400
+    reserve_batch_max: int = 256
+    body_max_bytes: int = 16 * 1024
+    quantity_max: int = 1_000_000
+    redis_timeout_s: float = 2.0
+    # consumer
+    consumer_group: str = "persist"
+    consumer_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    consumer_batch_max: int = 500
+    consumer_block_ms: int = 200
+    consumer_claim_idle_ms: int = 5_000
+    consumer_max_deliveries: int = 5
+    # compensator
+    compensator_interval_s: float = 0.25
+    compensator_batch_max: int = 500
+    # postgres
+    pg_pool_min: int = 2
+    pg_pool_max: int = 10
+    pg_timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); raise ConfigError."""
+        env = os.environ if env is None else env
+        generated: list[str] = []
+        secrets_: dict[str, str] = {}
+        for var, attr in (
+            ("FLASHSALE_ADMIN_TOKEN", "admin_token"),
+            ("FLASHSALE_JWT_SECRET", "jwt_secret"),
+            ("FLASHSALE_WEBHOOK_SECRET", "webhook_secret"),
+        ):
+            raw = env.get(var)
+            if raw is None or raw == "":
+                secrets_[attr] = secrets.token_urlsafe(32)
+                generated.append(var)
+            else:
+                secrets_[attr] = _valid_secret(var, raw)
+        fsync = env.get("FLASHSALE_REDIS_APPENDFSYNC", "everysec")
+        if fsync not in ("always", "everysec", "no"):
+            raise ConfigError("FLASHSALE_REDIS_APPENDFSYNC must be always, everysec or no")
+        prefix = env.get("FLASHSALE_KEY_PREFIX", "fs")
+        if not prefix or not all(ch.isalnum() or ch in "_-" for ch in prefix):
+            raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
+        return cls(
+            redis_url=_url(env, "FLASHSALE_REDIS_URL", ("redis", "rediss", "unix")),
+            database_url=_url(env, "FLASHSALE_DATABASE_URL", ("postgres", "postgresql")),
+            host=env.get("FLASHSALE_HOST") or "127.0.0.1",
+            port=_int(env, "FLASHSALE_PORT", 8080, 0, 65535),
+            data_dir=Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
+            generated=tuple(generated),
+            key_prefix=prefix,
+            redis_cluster=env.get("FLASHSALE_REDIS_CLUSTER", "") in ("1", "true", "yes"),
+            redis_appendfsync=fsync,
+            idempotency_ttl_s=_int(env, "FLASHSALE_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
+            consumer_batch_max=_int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
+            consumer_claim_idle_ms=_int(
+                env, "FLASHSALE_CONSUMER_CLAIM_IDLE_MS", 5_000, 100, 3_600_000
+            ),
+            consumer_max_deliveries=_int(env, "FLASHSALE_CONSUMER_MAX_DELIVERIES", 5, 1, 100),
+            admin_token=secrets_["admin_token"],
+            jwt_secret=secrets_["jwt_secret"],
+            webhook_secret=secrets_["webhook_secret"],
+        )
+
+    def with_urls(self, redis_url: str | None, database_url: str | None) -> Settings:
+        """A copy whose missing URLs are filled in (by the embedded servers)."""
+        return replace(
+            self,
+            redis_url=self.redis_url or redis_url,
+            database_url=self.database_url or database_url,
+        )

@@ -1,0 +1,68 @@
+"""Redis key layout. Every key of one sale shares the hash tag ``{sale_id}``.
+
+    <p>:{<sale>}:sale       hash: stock, available, pending, limit, price,
+                            starts_ms, ends_ms, hold_ms
+    <p>:{<sale>}:users      hash: user_id -> quantity held
+    <p>:{<sale>}:holds      hash: order_id -> "<qty>:<user_id>" while it holds stock
+    <p>:{<sale>}:pending    hash: order_id -> order fields until persisted
+    <p>:{<sale>}:stream     stream of accepted orders, consumed by the persister
+    <p>:{<sale>}:restocks   set of restock ids applied
+    <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
+    <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
+    <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
+
+The user id is length-prefixed so that no two (user, key) pairs share a name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SaleKeys:
+    prefix: str
+    sale_id: str
+    cluster: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"{self.prefix}:{{{self.sale_id}}}"
+
+    @property
+    def sale(self) -> str:
+        return f"{self.tag}:sale"
+
+    @property
+    def users(self) -> str:
+        return f"{self.tag}:users"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.tag}:holds"
+
+    @property
+    def pending(self) -> str:
+        return f"{self.tag}:pending"
+
+    @property
+    def stream(self) -> str:
+        return f"{self.tag}:stream"
+
+    @property
+    def restocks(self) -> str:
+        return f"{self.tag}:restocks"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.tag}:dlq"
+
+    def idempotency(self, user_id: str, key: str) -> str:
+        scope = self.tag if self.cluster else self.prefix
+        return f"{scope}:idem:{len(user_id)}:{user_id}:{key}"
+
+    def all_sale_keys(self) -> tuple[str, ...]:
+        return (
+            self.sale, self.users, self.holds, self.pending, self.stream, self.restocks,
+            self.dlq,
+        )

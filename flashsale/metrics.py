@@ -1,0 +1,47 @@
+"""Prometheus metrics, one registry per process component (no module globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.reservations = Counter(
+            "flashsale_reservations", "Reservation requests by outcome", ["outcome"], registry=r
+        )
+        self.reserve_latency = Histogram(
+            "flashsale_reserve_latency_seconds", "Reservation handler latency",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.http_requests = Counter(
+            "flashsale_http_requests", "HTTP responses by status class", ["status"], registry=r
+        )
+        self.stream_lag = Gauge(
+            "flashsale_stream_lag_entries", "Accepted orders not yet persisted (all sales)",
+            registry=r,
+        )
+        self.orders_persisted = Counter(
+            "flashsale_orders_persisted", "Orders persisted by the consumer", registry=r
+        )
+        self.orders_failed = Counter(
+            "flashsale_orders_failed", "Orders whose final deduction was refused", registry=r
+        )
+        self.consumer_reclaimed = Counter(
+            "flashsale_consumer_reclaimed", "Stream entries reclaimed with XAUTOCLAIM", registry=r
+        )
+        self.consumer_errors = Counter(
+            "flashsale_consumer_errors", "Consumer rounds that failed and were retried", registry=r
+        )
+        self.dead_lettered = Counter(
+            "flashsale_dead_lettered", "Stream entries moved to the dead-letter stream", registry=r
+        )
+        self.releases = Counter(
+            "flashsale_releases", "Holds released by reason", ["reason"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,360 @@
+"""The stream consumer: persists accepted orders and the final deduction.
+
+Loop: ``XREADGROUP >`` for new entries (bounded batch, bounded block), a
+bounded ``XAUTOCLAIM`` for entries another consumer left idle (it died), one
+PostgreSQL transaction per batch, ``XACK`` only after the commit. Orders are
+inserted with ``ON CONFLICT DO NOTHING`` on ids made before the write, so a
+redelivered entry is harmless. An entry that fails alone ``max_deliveries``
+times is dead-lettered (its hold compensated) and never blocks the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError, ResponseError
+
+from flashsale.backends import Backends, Conn
+from flashsale.metrics import Metrics
+
+log = logging.getLogger("flashsale.persist")
+
+DLQ_MAXLEN = 100_000
+SALES_REFRESH_S = 1.0
+CLAIM_INTERVAL_S = 1.0
+BACKOFF_MAX_S = 2.0
+ATTEMPTS_TRACKED_MAX = 100_000
+
+
+class PoisonEntry(Exception):
+    """A stream entry that cannot be parsed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    sale_id: str
+    entry_id: str
+    order_id: str
+    user_id: str
+    quantity: int
+    amount_cents: int
+    created_ms: int
+    expires_ms: int
+    idempotency_key: str | None
+
+    @classmethod
+    def parse(cls, sale_id: str, entry_id: str, fields: dict[bytes, bytes]) -> Entry:
+        try:
+            qty = int(fields[b"q"])
+            amount = int(fields[b"a"])
+            if qty < 1 or amount < 0:
+                raise ValueError("bad quantity or amount")
+            key = fields[b"k"].decode()
+            return cls(
+                sale_id=sale_id,
+                entry_id=entry_id,
+                order_id=fields[b"o"].decode(),
+                user_id=fields[b"u"].decode(),
+                quantity=qty,
+                amount_cents=amount,
+                created_ms=int(fields[b"c"]),
+                expires_ms=int(fields[b"e"]),
+                idempotency_key=key or None,
+            )
+        except (KeyError, ValueError, UnicodeDecodeError) as exc:
+            raise PoisonEntry(f"{entry_id}: {exc!r}") from exc
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+_INSERT = """
+INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
+                    idempotency_key, created_at, expires_at)
+SELECT o, s, u, q, a, 'awaiting_payment', k, c, e
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[],
+            $7::timestamptz[], $8::timestamptz[]) AS t(o, s, u, q, a, k, c, e)
+ON CONFLICT DO NOTHING
+RETURNING order_id, sale_id, quantity
+"""
+
+_INSERT_FAILED = """
+INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
+                    idempotency_key, created_at, expires_at)
+VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7, $8)
+ON CONFLICT (order_id) DO NOTHING
+RETURNING order_id
+"""
+
+_DEDUCT = """
+UPDATE sales SET sold = sold + $2 WHERE sale_id = $1 AND sold + $2 <= stock RETURNING sold
+"""
+
+_RECORD_FAILED = """
+WITH f AS (UPDATE orders SET status = 'failed', updated_at = now()
+           WHERE order_id = $1 AND status = 'awaiting_payment' RETURNING order_id)
+INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail)
+SELECT $1, $2, $3, 'failed', $4, $5 FROM f
+ON CONFLICT (order_id) DO NOTHING
+"""
+
+
+async def persist_batch(conn: Conn, entries: list[Entry], actor: str) -> list[Entry]:
+    """Persist entries in ONE transaction. Returns the orders that failed their
+    final deduction (recorded as failed with a release row, to compensate)."""
+    failed: list[Entry] = []
+    by_id = {e.order_id: e for e in entries}
+    async with conn.transaction():
+        inserted = await conn.fetch(
+            _INSERT,
+            [e.order_id for e in entries], [e.sale_id for e in entries],
+            [e.user_id for e in entries], [e.quantity for e in entries],
+            [e.amount_cents for e in entries], [e.idempotency_key for e in entries],
+            [_ts(e.created_ms) for e in entries], [_ts(e.expires_ms) for e in entries],
+        )
+        per_sale: dict[str, list[Entry]] = defaultdict(list)
+        for row in inserted:
+            per_sale[row["sale_id"]].append(by_id[row["order_id"]])
+        for sale_id in sorted(per_sale):  # fixed lock order
+            batch = per_sale[sale_id]
+            total = sum(e.quantity for e in batch)
+            if await conn.fetchval(_DEDUCT, sale_id, total) is not None:
+                continue
+            for e in batch:  # slow path: deduct order by order, fail what does not fit
+                if await conn.fetchval(_DEDUCT, sale_id, e.quantity) is None:
+                    await conn.execute(
+                        _RECORD_FAILED, e.order_id, sale_id, e.quantity, actor,
+                        "final deduction refused: sold would pass stock",
+                    )
+                    failed.append(e)
+        failed += await _fail_duplicates(conn, entries, {r["order_id"] for r in inserted}, actor)
+    return failed
+
+
+async def _fail_duplicates(
+    conn: Conn, entries: list[Entry], inserted: set[str], actor: str
+) -> list[Entry]:
+    """Entries neither inserted now nor present already collided on the unique
+    (sale, buyer, idempotency key): Redis lost the key's record. Fail them."""
+    missing = [e for e in entries if e.order_id not in inserted]
+    if not missing:
+        return []
+    present = {
+        r["order_id"]
+        for r in await conn.fetch(
+            "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])",
+            [e.order_id for e in missing],
+        )
+    }
+    failed = []
+    for e in missing:
+        if e.order_id in present:
+            continue
+        await conn.execute(
+            _INSERT_FAILED, e.order_id, e.sale_id, e.user_id, e.quantity, e.amount_cents,
+            e.idempotency_key, _ts(e.created_ms), _ts(e.expires_ms),
+        )
+        await conn.execute(
+            "INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail) "
+            "VALUES ($1, $2, $3, 'failed', $4, $5) ON CONFLICT (order_id) DO NOTHING",
+            e.order_id, e.sale_id, e.quantity, actor, "duplicate idempotency key",
+        )
+        failed.append(e)
+    return failed
+
+
+class Persister:
+    """One consumer of the group; run several (processes) to scale out."""
+
+    def __init__(self, backends: Backends, metrics: Metrics, name: str | None = None) -> None:
+        self._b = backends
+        self._m = metrics
+        self.name = name or backends.settings.consumer_name
+        self._streams: dict[str, str] = {}  # stream key -> sale id
+        self._sales_at = 0.0
+        self._claim_at = 0.0
+        self._claim_cursor: dict[str, str] = {}
+        self._attempts: dict[str, int] = {}
+        self._backoff_s = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info("consumer %s started", self.name)
+        while not stop.is_set():
+            try:
+                await self.step()
+                self._backoff_s = 0.0
+            except (TimeoutError, OSError, RedisError, asyncpg.PostgresError) as exc:
+                self._backoff_s = min(BACKOFF_MAX_S, max(0.05, self._backoff_s * 2))
+                log.warning("consumer step failed (%r); retrying in %.2fs", exc, self._backoff_s)
+                self._m.consumer_errors.inc()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self._backoff_s)
+        log.info("consumer %s stopped", self.name)
+
+    async def step(self) -> int:
+        """One bounded round: refresh sales, reclaim, read, persist. Returns entries handled."""
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._sales_at:
+            await self._refresh_streams()
+            self._sales_at = loop.time() + SALES_REFRESH_S
+        if not self._streams:
+            await asyncio.sleep(self._b.settings.consumer_block_ms / 1000)
+            return 0
+        handled = 0
+        if loop.time() >= self._claim_at:
+            handled += await self._reclaim()
+            self._claim_at = loop.time() + CLAIM_INTERVAL_S
+        handled += await self._read_new()
+        return handled
+
+    async def _refresh_streams(self) -> None:
+        rows = await self._b.pg.fetch("SELECT sale_id FROM sales")
+        keys = {self._b.keys(r["sale_id"]).stream: r["sale_id"] for r in rows}
+        async with self._b.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.exists(key)
+            exists = await pipe.execute()
+        self._streams = {k: s for (k, s), e in zip(keys.items(), exists, strict=True) if e}
+
+    async def _read_new(self) -> int:
+        s = self._b.settings
+        try:
+            resp: Any = await self._b.redis.xreadgroup(
+                s.consumer_group, self.name, dict.fromkeys(self._streams, ">"),
+                count=s.consumer_batch_max, block=s.consumer_block_ms,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._sales_at = 0.0  # a stream lost its group (Redis restarted): rediscover
+            return 0
+        batch: list[tuple[str, str, dict[bytes, bytes]]] = []
+        for stream, items in resp or []:
+            key = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in items:
+                batch.append((key, entry_id.decode(), fields))
+        return await self.handle(batch)
+
+    async def _reclaim(self) -> int:
+        s = self._b.settings
+        handled = 0
+        for key in list(self._streams):
+            cursor = self._claim_cursor.get(key, "0-0")
+            try:
+                res: Any = await self._b.redis.xautoclaim(
+                    key, s.consumer_group, self.name, s.consumer_claim_idle_ms,
+                    start_id=cursor, count=s.consumer_batch_max,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                continue
+            self._claim_cursor[key] = res[0].decode() if isinstance(res[0], bytes) else res[0]
+            items = [(key, eid.decode(), f) for eid, f in res[1] if f]
+            if items:
+                self._m.consumer_reclaimed.inc(len(items))
+                handled += await self.handle(items)
+        return handled
+
+    async def handle(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> int:
+        if not batch:
+            return 0
+        entries: list[Entry] = []
+        for key, entry_id, fields in batch:
+            try:
+                entries.append(Entry.parse(self._streams[key], entry_id, fields))
+            except PoisonEntry as exc:
+                await self._dead_letter(self._streams[key], entry_id, None, str(exc), fields)
+        known = await self._known_sales({e.sale_id for e in entries})
+        for e in [e for e in entries if e.sale_id not in known]:
+            await self._dead_letter(e.sale_id, e.entry_id, e, "sale not in PostgreSQL", {})
+        entries = [e for e in entries if e.sale_id in known]
+        if not entries:
+            return len(batch)
+        try:
+            async with self._b.pg.acquire() as conn:
+                failed = await persist_batch(conn, entries, self.name)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+                raise
+            log.warning("batch of %d failed (%r); persisting one by one", len(entries), exc)
+            return await self._one_by_one(entries) + len(batch) - len(entries)
+        await self._after_commit(entries, failed)
+        return len(batch)
+
+    async def _one_by_one(self, entries: list[Entry]) -> int:
+        for e in entries:
+            try:
+                async with self._b.pg.acquire() as conn:
+                    failed = await persist_batch(conn, [e], self.name)
+            except asyncpg.PostgresError as exc:
+                if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+                    raise
+                attempts = self._attempts.get(e.entry_id, 0) + 1
+                if attempts >= self._b.settings.consumer_max_deliveries:
+                    self._attempts.pop(e.entry_id, None)
+                    await self._dead_letter(e.sale_id, e.entry_id, e, repr(exc), {})
+                else:
+                    if len(self._attempts) >= ATTEMPTS_TRACKED_MAX:
+                        self._attempts.clear()
+                    self._attempts[e.entry_id] = attempts
+                continue
+            await self._after_commit([e], failed)
+        return len(entries)
+
+    async def _after_commit(self, entries: list[Entry], failed: list[Entry]) -> None:
+        """Ack what is committed, then return the stock of orders that failed."""
+        per_sale: dict[str, list[Entry]] = defaultdict(list)
+        for e in entries:
+            per_sale[e.sale_id].append(e)
+        for sale_id, items in per_sale.items():
+            k = self._b.keys(sale_id)
+            args: list[Any] = [self._b.settings.consumer_group]
+            for e in items:
+                args += [e.entry_id, e.order_id, e.quantity]
+            await self._b.scripts.ack_persisted(keys=[k.sale, k.pending, k.stream], args=args)
+        self._m.orders_persisted.inc(len(entries) - len(failed))
+        if failed:
+            from flashsale.compensate import release_in_redis
+
+            for e in failed:
+                await release_in_redis(self._b, e.order_id, e.sale_id)
+            self._m.orders_failed.inc(len(failed))
+
+    async def _known_sales(self, sale_ids: set[str]) -> set[str]:
+        rows = await self._b.pg.fetch(
+            "SELECT sale_id FROM sales WHERE sale_id = ANY($1::text[])", list(sale_ids)
+        )
+        return {r["sale_id"] for r in rows}
+
+    async def _dead_letter(
+        self, sale_id: str, entry_id: str, entry: Entry | None, reason: str,
+        fields: dict[bytes, bytes],
+    ) -> None:
+        k = self._b.keys(sale_id)
+        raw = repr(fields) if fields else (repr(entry) if entry else "")
+        moved, released = await self._b.scripts.dead_letter(
+            keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.dlq],
+            args=[
+                self._b.settings.consumer_group, entry_id, entry.order_id if entry else "",
+                entry.quantity if entry else _qty_of(fields), reason[:500], raw[:2000], DLQ_MAXLEN,
+            ],
+        )
+        if int(moved):
+            log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
+            self._m.dead_lettered.inc()
+
+
+def _qty_of(fields: dict[bytes, bytes]) -> int:
+    try:
+        return max(0, int(fields.get(b"q", b"0")))
+    except ValueError:
+        return 0

@@ -1,0 +1,176 @@
+"""The reservation path: every check and every write in one Lua call.
+
+Reservations for the same sale that arrive in the same event-loop tick are
+coalesced into one ``reserve_batch`` call (one round trip for many buyers);
+a lone request is a batch of one. Each item is still decided exactly as if
+it ran alone (see lua/reserve_batch.lua).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from flashsale import errors
+from flashsale.backends import Backends
+from flashsale.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS
+from flashsale.validate import iso_ms
+
+
+def new_order_id(sale_id: str, now_ms: int) -> str:
+    """Time-ordered, globally unique, and names its sale (routing in Redis)."""
+    return f"{sale_id}-{now_ms:011x}{secrets.token_hex(5)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    order_id: str
+    sale_id: str
+    user_id: str
+    quantity: int
+    amount_cents: int
+    expires_ms: int
+    replay: bool
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "order_id": self.order_id,
+            "sale_id": self.sale_id,
+            "user_id": self.user_id,
+            "quantity": self.quantity,
+            "amount_cents": self.amount_cents,
+            "status": "pending",
+            "expires_at": iso_ms(self.expires_ms),
+        }
+
+
+@dataclass(slots=True)
+class _Item:
+    user_id: str
+    quantity: int
+    idempotency_key: str | None
+    future: asyncio.Future[Accepted]
+    order_id: str = field(default="")
+
+
+def fingerprint(sale_id: str, quantity: int) -> str:
+    return f"{sale_id}|{quantity}"
+
+
+def _decode(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _accepted(sale_id: str, user_id: str, detail: str, replay: bool) -> Accepted:
+    order_id, qty, amount, expires = detail.split("\t")
+    return Accepted(order_id, sale_id, user_id, int(qty), int(amount), int(expires), replay)
+
+
+def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Accepted:
+    """Map one script result to an Accepted, or raise its typed error."""
+    if code == ACCEPTED:
+        return _accepted(sale_id, item.user_id, detail, replay=False)
+    if code == REPLAY:
+        _fp, stored_code, stored_detail = detail.split("\n", 2)
+        if int(stored_code) == ACCEPTED:
+            return _accepted(sale_id, item.user_id, stored_detail, replay=True)
+        raise RESERVE_ERRORS[int(stored_code)]()
+    raise RESERVE_ERRORS[code]()
+
+
+class Reserver:
+    """Coalesces reservations per sale per loop tick into one script call."""
+
+    def __init__(self, backends: Backends, *, inflight_max: int = 10_000) -> None:
+        self._b = backends
+        self._queues: dict[str, list[_Item]] = {}
+        self._inflight = 0
+        self._inflight_max = inflight_max
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reserve(
+        self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None
+    ) -> Accepted:
+        if self._inflight >= self._inflight_max:
+            raise errors.Overloaded()
+        loop = asyncio.get_running_loop()
+        item = _Item(user_id, quantity, idempotency_key, loop.create_future())
+        queue = self._queues.get(sale_id)
+        if queue is None:
+            queue = self._queues[sale_id] = []
+            loop.call_soon(self._flush, sale_id)
+        queue.append(item)
+        self._inflight += 1
+        try:
+            return await item.future
+        finally:
+            self._inflight -= 1
+
+    def _flush(self, sale_id: str) -> None:
+        items = self._queues.pop(sale_id, [])
+        step = self._b.settings.reserve_batch_max
+        for start in range(0, len(items), step):
+            task = asyncio.create_task(self._run(sale_id, items[start : start + step]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, sale_id: str, items: list[_Item]) -> None:
+        try:
+            results = await self._call(sale_id, items)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            self._fail_all(items, errors.Unavailable())
+            return
+        except RedisError as exc:
+            self._fail_all(items, errors.Unavailable(f"reservation failed: {exc}"))
+            return
+        except BaseException as exc:
+            self._fail_all(items, errors.Unavailable())
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for i, item in enumerate(items):
+            if item.future.done():
+                continue
+            code, detail = int(results[2 * i]), _decode(results[2 * i + 1])
+            try:
+                item.future.set_result(_outcome(sale_id, item, code, detail))
+            except errors.FlashsaleError as exc:
+                item.future.set_exception(exc)
+
+    async def _call(self, sale_id: str, items: list[_Item]) -> list[Any]:
+        b = self._b
+        k = b.keys(sale_id)
+        now_ms = int(time.time() * 1000)
+        keys = [k.sale, k.users, k.holds, k.pending, k.stream]
+        args: list[Any] = [now_ms, b.settings.idempotency_ttl_s, len(items)]
+        for item in items:
+            item.order_id = new_order_id(sale_id, now_ms)
+            if item.idempotency_key is None:
+                keys.append(k.sale)
+                has_key, key_text = "0", ""
+            else:
+                keys.append(k.idempotency(item.user_id, item.idempotency_key))
+                has_key, key_text = "1", item.idempotency_key
+            args += [
+                item.order_id, item.user_id, item.quantity, has_key,
+                fingerprint(sale_id, item.quantity), key_text,
+            ]
+        result: list[Any] = await b.scripts.reserve_batch(keys=keys, args=args)
+        return result
+
+    @staticmethod
+    def _fail_all(items: list[_Item], exc: errors.FlashsaleError) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

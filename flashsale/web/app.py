@@ -1,0 +1,103 @@
+"""The app factory: pools and background tasks opened and closed in cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from flashsale import ledger
+from flashsale.auth import Authenticator
+from flashsale.backends import open_backends
+from flashsale.compensate import Compensator
+from flashsale.config import Settings
+from flashsale.metrics import Metrics
+from flashsale.persist import Persister
+from flashsale.reserve import Reserver
+from flashsale.web import ops, routes
+from flashsale.web.keys import AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
+from flashsale.web.middleware import error_middleware
+from flashsale.web.rebuilds import Rebuilds
+
+log = logging.getLogger("flashsale.app")
+
+STOP_TIMEOUT_S = 5.0
+REBUILD_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Workers:
+    """Which background loops this process runs beside the HTTP front."""
+
+    consumer: bool = False
+    compensator: bool = False
+
+
+async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with open_backends(app[SETTINGS]) as b:
+        app[BACKENDS] = b
+        try:
+            await b.scripts.preload(b.redis)
+        except Exception as exc:  # readiness reports it; EVALSHA reloads on NOSCRIPT
+            log.warning("could not preload scripts: %r", exc)
+        app[RESERVER] = Reserver(b)
+        app[REBUILDS] = Rebuilds(b)
+        yield
+        await app[RESERVER].close()
+        await app[REBUILDS].close()
+
+
+async def _periodic_rebuild(app: web.Application, stop: asyncio.Event) -> None:
+    """Detect sales whose Redis state is gone and rebuild them, at start and on a schedule."""
+    while not stop.is_set():
+        try:
+            rebuilt = await ledger.rebuild_missing(app[BACKENDS])
+            if rebuilt:
+                log.warning("rebuilt %d sale(s) missing in Redis", len(rebuilt))
+        except Exception as exc:
+            log.warning("rebuild sweep failed: %r", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), REBUILD_INTERVAL_S)
+
+
+def _workers_ctx(
+    workers: Workers,
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        stop = asyncio.Event()
+        loops: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
+        b, m = app[BACKENDS], app[METRICS]
+        if workers.consumer:
+            loops.append(Persister(b, m).run)
+        if workers.compensator:
+            loops.append(Compensator(b, m).run)
+            loops.append(lambda ev: _periodic_rebuild(app, ev))
+        tasks: list[asyncio.Task[None]] = [asyncio.ensure_future(loop(stop)) for loop in loops]
+        yield
+        stop.set()
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    return ctx
+
+
+def create_app(settings: Settings, workers: Workers | None = None) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware], client_max_size=settings.body_max_bytes
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[AUTH] = Authenticator(settings.jwt_secret, settings.admin_token)
+    app.cleanup_ctx.append(_backends_ctx)
+    app.cleanup_ctx.append(_workers_ctx(workers or Workers()))
+    routes.add_routes(app)
+    ops.add_routes(app)
+    return app

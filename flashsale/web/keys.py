@@ -1,0 +1,19 @@
+"""Typed application keys: every resource the handlers use hangs off the app."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from flashsale.auth import Authenticator
+from flashsale.backends import Backends
+from flashsale.config import Settings
+from flashsale.metrics import Metrics
+from flashsale.reserve import Reserver
+from flashsale.web.rebuilds import Rebuilds
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+AUTH = web.AppKey("auth", Authenticator)
+BACKENDS = web.AppKey("backends", Backends)
+RESERVER = web.AppKey("reserver", Reserver)
+REBUILDS = web.AppKey("rebuilds", Rebuilds)

@@ -1,0 +1,125 @@
+"""Sales and orders endpoints (see ../shared/api-contract.md)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from flashsale import errors, ledger, orders, sales, validate
+from flashsale.web.keys import AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
+from flashsale.web.middleware import json_response
+
+ORDER_FIELDS = frozenset({"quantity"})
+RESTOCK_FIELDS = frozenset({"quantity"})
+RESTOCK_MAX = 1_000_000
+
+
+async def read_body(request: web.Request) -> bytes:
+    limit = request.app[SETTINGS].body_max_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+    return raw
+
+
+def buyer(request: web.Request) -> str:
+    return request.app[AUTH].buyer(request.headers.get("Authorization"))
+
+
+def admin(request: web.Request) -> None:
+    request.app[AUTH].admin(request.headers.get("Authorization"))
+
+
+async def create_sale(request: web.Request) -> web.Response:
+    admin(request)
+    body = validate.json_object(await read_body(request))
+    new = sales.NewSale.parse(body, datetime.now(UTC))
+    return json_response(await sales.create(request.app[BACKENDS], new), 201)
+
+
+async def get_sale(request: web.Request) -> web.Response:
+    return json_response(await sales.get(request.app[BACKENDS], request.match_info["sale_id"]))
+
+
+async def restock_sale(request: web.Request) -> web.Response:
+    admin(request)
+    body = validate.json_object(await read_body(request))
+    validate.no_unknown(body, RESTOCK_FIELDS)
+    qty = validate.integer(body, "quantity", 1, RESTOCK_MAX)
+    b = request.app[BACKENDS]
+    return json_response(await sales.restock(b, request.match_info["sale_id"], qty))
+
+
+async def get_ledger(request: web.Request) -> web.Response:
+    admin(request)
+    return json_response(await ledger.ledger(request.app[BACKENDS], request.match_info["sale_id"]))
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    raw = request.headers.get("Idempotency-Key")
+    if raw is None:
+        return None
+    if not validate.IDEMPOTENCY_KEY_RE.match(raw):
+        raise errors.InvalidRequest("Idempotency-Key must be 1-128 printable ASCII characters")
+    return raw
+
+
+async def create_order(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    started = time.perf_counter()
+    outcome = "error"
+    try:
+        user_id = buyer(request)
+        key = idempotency_key(request)
+        body = validate.json_object(await read_body(request))
+        validate.no_unknown(body, ORDER_FIELDS)
+        qty = validate.integer(body, "quantity", 1, app[SETTINGS].quantity_max, 1)
+        sale_id = validate.sale_id(request.match_info["sale_id"])
+        try:
+            accepted = await app[RESERVER].reserve(sale_id, user_id, qty, key)
+        except errors.SaleNotFound:
+            await _missing_in_redis(request, sale_id)
+            raise
+        outcome = "replay" if accepted.replay else "accepted"
+        return json_response(accepted.body(), 202)
+    except errors.FlashsaleError as exc:
+        outcome = exc.code
+        raise
+    finally:
+        metrics.reservations.labels(outcome).inc()
+        metrics.reserve_latency.observe(time.perf_counter() - started)
+
+
+async def _missing_in_redis(request: web.Request, sale_id: str) -> None:
+    """A sale PostgreSQL has but Redis lost: rebuild it and answer 503, not 404."""
+    b = request.app[BACKENDS]
+    if await b.pg.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id):
+        request.app[REBUILDS].trigger(sale_id)
+        raise errors.Unavailable("the sale is being restored; retry shortly")
+
+
+async def get_order(request: web.Request) -> web.Response:
+    user_id = buyer(request)
+    b = request.app[BACKENDS]
+    return json_response(await orders.get(b, request.match_info["order_id"], user_id))
+
+
+async def cancel_order(request: web.Request) -> web.Response:
+    user_id = buyer(request)
+    b = request.app[BACKENDS]
+    return json_response(await orders.cancel(b, request.match_info["order_id"], user_id))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/sales", create_sale)
+    app.router.add_get("/api/v1/sales/{sale_id}", get_sale, allow_head=False)
+    app.router.add_post("/api/v1/sales/{sale_id}/restock", restock_sale)
+    app.router.add_get("/api/v1/admin/sales/{sale_id}/ledger", get_ledger, allow_head=False)
+    app.router.add_post("/api/v1/sales/{sale_id}/orders", create_order)
+    app.router.add_get("/api/v1/orders/{order_id}", get_order, allow_head=False)
+    app.router.add_post("/api/v1/orders/{order_id}/cancel", cancel_order)

@@ -1,0 +1,121 @@
+--[[
+reserve_batch -- reserve stock of ONE sale for N buyers in one atomic call.
+
+The HTTP front coalesces the reservations that arrive in the same event-loop
+tick for a sale into one call; a single request is a batch of one. Items are
+decided in order, each exactly as if it were alone: checks first, then writes.
+No check can fail after a write of the same item (all inputs are validated
+by the caller; numbers are parsed before anything is written).
+
+KEYS[1]    sale hash      <p>:{<sale>}:sale     stock, available, pending, limit,
+                                                price, starts_ms, ends_ms, hold_ms
+KEYS[2]    users hash     <p>:{<sale>}:users    user_id -> quantity held
+KEYS[3]    holds hash     <p>:{<sale>}:holds    order_id -> "<qty>:<user_id>"
+KEYS[4]    pending hash   <p>:{<sale>}:pending  order_id -> "<user>\t<qty>\t<amount>\t<expires_ms>\t<created_ms>\t<idem>"
+KEYS[5]    stream         <p>:{<sale>}:stream   one entry per accepted order
+KEYS[5+i]  idempotency record of item i (a string key with a TTL); when the
+           item has no key, KEYS[1] is repeated there and never touched
+
+ARGV[1]    now_ms         the front's clock (UTC ms)
+ARGV[2]    idem_ttl_s     how long a decided outcome is remembered
+ARGV[3]    n              number of items
+ARGV[4+6(i-1) ..]         per item: order_id, user_id, qty, has_key ("0"/"1"),
+                          fingerprint (sale and body), idempotency key text
+
+Returns a flat array, two entries per item:  code, detail
+   0  accepted            detail = "<order_id>\t<qty>\t<amount>\t<expires_ms>"
+   1  idempotent replay   detail = the stored record (see below)
+  -1  sale_not_found      (no item is looked at further; nothing written)
+  -2  sale_not_active     remembered under the key
+  -3  idempotency_key_reused  (key holds another fingerprint; nothing written)
+  -4  limit_exceeded      remembered under the key
+  -5  sold_out            remembered under the key
+Precedence per item: sale exists > idempotency replay/reuse > sale active >
+per-user limit > stock. Replay comes before the active check so that a retry
+returns the first response "however many times" (contract, guarantee 4).
+
+Idempotency record: "<fingerprint>\n<code>\n<detail>" (detail empty for errors).
+
+Guarantee: available never goes below 0; a buyer's held quantity never
+exceeds the limit; one key yields at most one order; each accepted order is
+in holds, pending and the stream, all written together.
+]]
+
+local sale_key, users_key, holds_key, pending_key, stream_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now_ms = tonumber(ARGV[1])
+local idem_ttl = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+
+local out = {}
+if redis.call('EXISTS', sale_key) == 0 then
+  for i = 1, n do
+    out[#out + 1] = -1
+    out[#out + 1] = ''
+  end
+  return out
+end
+
+local f = redis.call('HMGET', sale_key, 'available', 'limit', 'price', 'starts_ms', 'ends_ms', 'hold_ms')
+local available = tonumber(f[1])
+local limit = tonumber(f[2])
+local price = tonumber(f[3])
+local starts_ms = tonumber(f[4])
+local ends_ms = tonumber(f[5])
+local hold_ms = tonumber(f[6])
+local active = now_ms >= starts_ms and (ends_ms == 0 or now_ms < ends_ms)
+
+for i = 1, n do
+  local base = 3 + 6 * (i - 1)
+  local order_id = ARGV[base + 1]
+  local user = ARGV[base + 2]
+  local qty = tonumber(ARGV[base + 3])
+  local has_key = ARGV[base + 4] == '1'
+  local fp = ARGV[base + 5]
+  local idem_text = ARGV[base + 6]
+  local idem_key = KEYS[5 + i]
+  local code, detail = 0, ''
+
+  local rec = false
+  if has_key then rec = redis.call('GET', idem_key) end
+  if rec then
+    local nl = string.find(rec, '\n', 1, true)
+    if string.sub(rec, 1, nl - 1) == fp then
+      code, detail = 1, rec
+    else
+      code = -3
+    end
+  elseif not active then
+    code = -2
+  else
+    local held = tonumber(redis.call('HGET', users_key, user) or '0')
+    if held + qty > limit then
+      code = -4
+    elseif available < qty then
+      code = -5
+    else
+      -- writes: every check for this item has passed
+      local amount = price * qty
+      local expires_ms = now_ms + hold_ms
+      available = available - qty
+      redis.call('HINCRBY', sale_key, 'available', -qty)
+      redis.call('HINCRBY', sale_key, 'pending', qty)
+      redis.call('HINCRBY', users_key, user, qty)
+      redis.call('HSET', holds_key, order_id, qty .. ':' .. user)
+      local amount_s = string.format('%d', amount)
+      local expires_s = string.format('%d', expires_ms)
+      local now_s = string.format('%d', now_ms)
+      redis.call('HSET', pending_key, order_id,
+        user .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s .. '\t' .. now_s .. '\t' .. idem_text)
+      redis.call('XADD', stream_key, '*', 'o', order_id, 'u', user, 'q', qty, 'a', amount_s,
+        'e', expires_s, 'c', now_s, 'k', idem_text)
+      detail = order_id .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s
+    end
+  end
+  if has_key and code ~= 1 and code ~= -3 then
+    redis.call('SET', idem_key, fp .. '\n' .. code .. '\n' .. detail, 'EX', idem_ttl)
+  end
+  out[#out + 1] = code
+  out[#out + 1] = detail
+end
+return out
