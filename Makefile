@@ -1,0 +1,60 @@
+# flashsale — developer entry points. `make run` and `make test` work from a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.flashsale-installed
+
+export PY VENV
+
+.DEFAULT_GOAL := help
+.PHONY: help venv servers run test lint typecheck chaos bench loadtest clean
+
+help:
+	@echo "make run        start Redis, PostgreSQL, HTTP API, consumer and compensator (flashsale up)"
+	@echo "make test       lint, typecheck and the whole test suite against real servers"
+	@echo "make lint | typecheck | chaos | bench | loadtest | clean"
+
+# The venv is (re)installed only when pyproject.toml is newer than the stamp.
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { rm -rf $(VENV); \
+		echo "could not create $(VENV) with $(PY) (Debian: apt-get install python3-venv)" >&2; \
+		exit 1; }
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Server binaries for the embedded Redis/PostgreSQL; skipped for a server whose
+# URL (FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL) is set.
+servers: venv
+	@if [ -z "$$FLASHSALE_REDIS_URL" ] || [ -z "$$FLASHSALE_DATABASE_URL" ]; then \
+		bash scripts/ensure-servers.sh; \
+	fi
+
+run: venv servers
+	$(BIN)/flashsale up
+
+# Lint and typecheck first; any failure stops here with a non-zero status.
+test: venv servers lint typecheck
+	$(BIN)/pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+chaos: venv servers
+	$(BIN)/pytest -q -m chaos tests/chaos
+
+bench: venv servers
+	$(BIN)/python -m bench.run
+
+loadtest: venv servers
+	$(BIN)/python -m loadtest.run
+
+# Keeps .flashsale/ (the embedded servers' data): `rm -rf .flashsale` to reset it.
+clean:
+	rm -rf $(VENV) build dist .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -maxdepth 2 -name '*.egg-info' -type d -prune -exec rm -rf {} +
