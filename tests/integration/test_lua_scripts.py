@@ -100,15 +100,15 @@ async def test_ack_once_and_dead_letter_once(api: Api) -> None:
     b, k = api.backends, keys_of(api)
     await load(b, k, stock=5)
     await reserve(b, k, [("o1", "u", 1, None), ("o2", "v", 2, None)])
-    entries = await b.redis.xreadgroup(GROUP, "c1", {k.stream: ">"}, count=10)
+    entries: Any = await b.redis.xreadgroup(GROUP, "c1", {k.stream: ">"}, count=10)
     (e1, f1), (e2, _f2) = entries[0][1]
-    args = [GROUP, e1.decode(), "o1", 1]
+    args: list[Any] = [GROUP, e1.decode(), "o1", 1]
     ack = [k.sale, k.pending, k.stream]
     assert int(await b.scripts.ack_persisted(keys=ack, args=args)) == 1
     assert int(await b.scripts.ack_persisted(keys=ack, args=args)) == 0
     assert await b.redis.hget(k.sale, "pending") == b"2"
     dl_keys = [k.sale, k.users, k.holds, k.pending, k.stream, k.dlq]
-    dl_args = [GROUP, e2.decode(), "o2", 2, "poison", "raw", 1000]
+    dl_args: list[Any] = [GROUP, e2.decode(), "o2", 2, "poison", "raw", 1000]
     assert await b.scripts.dead_letter(keys=dl_keys, args=dl_args) == [1, 2]
     assert await b.scripts.dead_letter(keys=dl_keys, args=dl_args) == [0, 0]
     assert await b.redis.hmget(k.sale, "available", "pending") == [b"4", b"0"]
@@ -132,8 +132,8 @@ async def test_rebuild_only_when_missing_and_counts_every_hold(api: Api) -> None
     await load(b, k, stock=10, limit=5)
     await reserve(b, k, [("pend", "p", 2, None)])  # pending: only Redis knows it
     await b.redis.hset(k.holds, "gone", "3:g")     # released in PostgreSQL, stale here
-    base = [10, 5, 100, 0, 0, 60_000, GROUP]
-    args = [*base, 1, "pg1", 4, "q", 1, "gone", 7]
+    base: list[Any] = [10, 5, 100, 0, 0, 60_000, GROUP]
+    args: list[Any] = [*base, 1, "pg1", 4, "q", 1, "gone", 7]
     assert int(await b.scripts.rebuild_sale(keys=keys, args=args)) == 0  # live sale untouched
     await b.redis.delete(k.sale)
     assert int(await b.scripts.rebuild_sale(keys=keys, args=args)) == 1
@@ -142,7 +142,7 @@ async def test_rebuild_only_when_missing_and_counts_every_hold(api: Api) -> None
     assert await b.redis.hgetall(k.users) == {b"q": b"4", b"p": b"2"}
     assert await b.redis.smembers(k.restocks) == {b"7"}
     await b.redis.delete(k.sale)
-    over = [*base, 1, "big", 11, "z", 0]
+    over: list[Any] = [*base, 1, "big", 11, "z", 0]
     try:
         await b.scripts.rebuild_sale(keys=keys, args=over)
     except Exception as exc:
