@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
-import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import sales
@@ -69,6 +71,53 @@ WITH due AS (
 )
 SELECT order_id, sale_id, quantity FROM o
 """
+
+
+_RELEASE_UNPERSISTED = """
+WITH o AS (
+    INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
+                        idempotency_key, created_at, expires_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    ON CONFLICT DO NOTHING
+    RETURNING order_id, sale_id, quantity
+), r AS (
+    INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail)
+    SELECT order_id, sale_id, quantity, $6, $10, $11 FROM o
+    RETURNING 1
+)
+SELECT order_id FROM o
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Unpersisted:
+    """An accepted order the consumer has not written to PostgreSQL yet."""
+
+    order_id: str
+    sale_id: str
+    user_id: str
+    quantity: int
+    amount_cents: int
+    created_ms: int
+    expires_ms: int
+    idempotency_key: str | None
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+async def release_unpersisted(
+    b: Backends, o: Unpersisted, reason: str, actor: str, detail: str
+) -> bool:
+    """Step 1 for an order not yet persisted: insert it already released (with
+    its release row). The consumer's later insert then does nothing, so the
+    order never counts as sold. False when the order row exists already."""
+    inserted = await b.pg.fetchval(
+        _RELEASE_UNPERSISTED, o.order_id, o.sale_id, o.user_id, o.quantity, o.amount_cents,
+        reason, o.idempotency_key, _ts(o.created_ms), _ts(o.expires_ms), actor, detail,
+    )
+    return inserted is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +188,14 @@ class Compensator:
         while not stop.is_set():
             try:
                 await self.step()
-            except (TimeoutError, OSError, RedisError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # the loop must outlive any failure; bounded backoff
                 log.warning("compensator step failed: %r", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
     async def step(self) -> int:
         """One bounded round; returns the number of releases finished in Redis."""
-        expired = await self.expire_due()
+        expired = await self.expire_due() + await self.expire_unpersisted()
         swept = await self.sweep_outbox()
         await self.sweep_restocks()
         return expired + swept
@@ -160,6 +209,34 @@ class Compensator:
         if rows:
             self._m.releases.labels("expired").inc(len(rows))
         return len(rows)
+
+    async def expire_unpersisted(self) -> int:
+        """Holds past expiry still in a sale's stream (the consumer is down or
+        behind): recorded expired in PostgreSQL, then released. Stream ids are
+        times, so only entries older than the sale's hold are read."""
+        b = self._b
+        now_ms = int(time.time() * 1000)
+        sales_ = await b.pg.fetch("SELECT sale_id, hold_seconds FROM sales")
+        if not sales_:
+            return 0
+        async with b.redis.pipeline(transaction=False) as pipe:
+            for r in sales_:
+                cutoff = now_ms - r["hold_seconds"] * 1000
+                pipe.xrange(b.keys(r["sale_id"]).stream, "-", str(max(cutoff, 0)),
+                            count=b.settings.compensator_batch_max)
+            found: list[Any] = await pipe.execute()
+        done = 0
+        for r, entries in zip(sales_, found, strict=True):
+            for _entry_id, fields in entries:
+                o = _unpersisted(r["sale_id"], fields)
+                if o is None or o.expires_ms > now_ms:
+                    continue  # unreadable entries are the consumer's to dead-letter
+                detail = "expired before persisted"
+                if await release_unpersisted(b, o, "expired", self.name, detail):
+                    await release_in_redis(b, o.order_id, o.sale_id)
+                    self._m.releases.labels("expired").inc()
+                    done += 1
+        return done
 
     async def sweep_outbox(self) -> int:
         rows = await self._b.pg.fetch(
@@ -182,3 +259,15 @@ class Compensator:
                 self._b, row["sale_id"], row["restock_id"], row["quantity"]
             )
         return len(rows)
+
+
+def _unpersisted(sale_id: str, fields: dict[bytes, bytes]) -> Unpersisted | None:
+    try:
+        return Unpersisted(
+            order_id=fields[b"o"].decode(), sale_id=sale_id, user_id=fields[b"u"].decode(),
+            quantity=int(fields[b"q"]), amount_cents=int(fields[b"a"]),
+            created_ms=int(fields[b"c"]), expires_ms=int(fields[b"e"]),
+            idempotency_key=fields[b"k"].decode() or None,
+        )
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None

@@ -8,7 +8,6 @@ unknown id.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -24,22 +23,13 @@ CANCEL_RETRIES = 3
 
 
 @dataclass(frozen=True, slots=True)
-class PendingOrder:
+class PendingOrder(compensate.Unpersisted):
     """An accepted order still in Redis (see lua/reserve_batch.lua, pending hash)."""
-
-    order_id: str
-    sale_id: str
-    user_id: str
-    quantity: int
-    amount_cents: int
-    expires_ms: int
-    created_ms: int
-    idempotency_key: str | None
 
     @classmethod
     def parse(cls, order_id: str, sale_id: str, raw: str) -> PendingOrder:
         user, qty, amount, expires, created, key = raw.split("\t", 5)
-        return cls(order_id, sale_id, user, int(qty), int(amount), int(expires), int(created),
+        return cls(order_id, sale_id, user, int(qty), int(amount), int(created), int(expires),
                    key or None)
 
     def body(self) -> dict[str, Any]:
@@ -107,32 +97,11 @@ async def get(b: Backends, order_id: str, user_id: str) -> dict[str, Any]:
     return pending.body()
 
 
-_INSERT_CANCELLED = """
-WITH o AS (
-    INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
-                        idempotency_key, created_at, expires_at)
-    VALUES ($1, $2, $3, $4, $5, 'cancelled', $6, $7, $8)
-    ON CONFLICT DO NOTHING
-    RETURNING order_id, sale_id, quantity
-), r AS (
-    INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail)
-    SELECT order_id, sale_id, quantity, 'cancelled', $9, 'cancelled while pending' FROM o
-    RETURNING 1
-)
-SELECT order_id FROM o
-"""
-
-
 async def _cancel_pending(b: Backends, p: PendingOrder) -> bool:
-    """Record a pending order as cancelled before the consumer persists it; the
-    consumer's insert then does nothing and the order never counts as sold."""
-    ts = datetime.fromtimestamp
-    inserted = await b.pg.fetchval(
-        _INSERT_CANCELLED, p.order_id, p.sale_id, p.user_id, p.quantity, p.amount_cents,
-        p.idempotency_key, ts(p.created_ms / 1000, tz=UTC), ts(p.expires_ms / 1000, tz=UTC),
-        f"buyer:{p.user_id}",
+    """Record a pending order as cancelled before the consumer persists it."""
+    return await compensate.release_unpersisted(
+        b, p, "cancelled", f"buyer:{p.user_id}", "cancelled while pending"
     )
-    return inserted is not None
 
 
 async def cancel(b: Backends, order_id: str, user_id: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from flashsale.backends import Backends, Conn
 from flashsale.metrics import Metrics
@@ -191,7 +191,7 @@ class Persister:
             try:
                 await self.step()
                 self._backoff_s = 0.0
-            except (TimeoutError, OSError, RedisError, asyncpg.PostgresError) as exc:
+            except Exception as exc:  # the loop must outlive any failure; bounded backoff
                 self._backoff_s = min(BACKOFF_MAX_S, max(0.05, self._backoff_s * 2))
                 log.warning("consumer step failed (%r); retrying in %.2fs", exc, self._backoff_s)
                 self._m.consumer_errors.inc()
@@ -261,8 +261,34 @@ class Persister:
             items = [(key, eid.decode(), f) for eid, f in res[1] if f]
             if items:
                 self._m.consumer_reclaimed.inc(len(items))
+                items = await self._dead_letter_exhausted(key, items)
                 handled += await self.handle(items)
         return handled
+
+    async def _dead_letter_exhausted(
+        self, key: str, items: list[tuple[str, str, dict[bytes, bytes]]]
+    ) -> list[tuple[str, str, dict[bytes, bytes]]]:
+        """Reclaimed entries delivered more than max_deliveries times (consumers
+        kept dying on them) go to the dead-letter stream; the rest are returned."""
+        s = self._b.settings
+        info: Any = await self._b.redis.xpending_range(
+            key, s.consumer_group, min=items[0][1], max=items[-1][1], count=len(items),
+        )
+        times = {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+        keep = []
+        for item in items:
+            if times.get(item[1], 0) > s.consumer_max_deliveries:
+                entry: Entry | None
+                try:
+                    entry = Entry.parse(self._streams[key], item[1], item[2])
+                except PoisonEntry:
+                    entry = None
+                await self._dead_letter(
+                    self._streams[key], item[1], entry, "delivered too many times", item[2]
+                )
+            else:
+                keep.append(item)
+        return keep
 
     async def handle(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> int:
         if not batch:
@@ -341,16 +367,21 @@ class Persister:
     ) -> None:
         k = self._b.keys(sale_id)
         raw = repr(fields) if fields else (repr(entry) if entry else "")
+        order_id = entry.order_id if entry else fields.get(b"o", b"").decode(errors="replace")
         moved, released = await self._b.scripts.dead_letter(
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.dlq],
             args=[
-                self._b.settings.consumer_group, entry_id, entry.order_id if entry else "",
+                self._b.settings.consumer_group, entry_id, order_id,
                 entry.quantity if entry else _qty_of(fields), reason[:500], raw[:2000], DLQ_MAXLEN,
             ],
         )
         if int(moved):
             log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
             self._m.dead_lettered.inc()
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _qty_of(fields: dict[bytes, bytes]) -> int:
