@@ -13,6 +13,7 @@ from flashsale.errors import Unauthorized
 USER_ID_MAX = 64
 TOKEN_MAX_CHARS = 4096
 CACHE_MAX = 50_000
+EXP_CACHE_MAX = 2**53  # seconds; beyond it a token is verified every time
 
 
 def bearer(header: str | None) -> str:
@@ -64,7 +65,9 @@ class Authenticator:
             raise Unauthorized("the token is invalid") from None
         user_id = valid_user_id(claims.get("sub"))
         exp = claims["exp"]
-        if isinstance(exp, int | float):
+        # cache until exp; an absurd exp (e.g. 10**400, valid for PyJWT) is not
+        # cached, since float() of it would overflow
+        if isinstance(exp, int | float) and exp < EXP_CACHE_MAX:
             if len(self._cache) >= CACHE_MAX:
                 self._cache.popitem(last=False)
             self._cache[token] = (user_id, float(exp))
