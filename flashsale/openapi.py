@@ -18,7 +18,7 @@ API_VERSION: Final = "1.0.0"
 
 # Input bounds stated by the contract, plus the upper bounds we choose to enforce.
 ID_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,80}$"
-IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e]{1,128}$"
+IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?$"
 ERROR_CODE_PATTERN: Final = r"^[a-z][a-z0-9_]*$"
 SIGNATURE_PATTERN: Final = r"^t=[0-9]+,v1=[0-9a-fA-F]{64}$"
 MAX_BODY_BYTES: Final = 16 * 1024
@@ -435,7 +435,8 @@ def _parameters() -> JSONObject:
             "name": "Idempotency-Key",
             "in": "header",
             "required": False,
-            "description": "1–128 printable ASCII characters, no spaces (0x21–0x7E); optional, "
+            "description": "1–128 printable ASCII characters (0x20–0x7E), no leading or trailing "
+            "space (HTTP trims those); optional, "
             "strongly recommended. "
             "A retry with the same buyer, key and body returns the first decided response "
             "(202, 409, 422) again and reserves nothing more.",

@@ -22,7 +22,7 @@ MISSING: Final = _Missing()
 
 SALE_ID_RE = re.compile(r"^sl_[a-z0-9]{12}$")
 ORDER_ID_RE = re.compile(r"^(sl_[a-z0-9]{12})-[0-9a-f]{21}$")
-IDEMPOTENCY_KEY_RE = re.compile(r"^[\x20-\x7e]{1,128}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?$")
 
 
 def json_object(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
