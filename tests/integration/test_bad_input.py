@@ -10,6 +10,7 @@ table are what they were before the table ran.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -435,4 +436,30 @@ async def test_chunked_body_over_16k_without_content_length(table: Table) -> Non
         body = orjson.loads(await resp.read())
         assert (resp.status, body["error"]["code"]) == (400, "invalid_request")
         assert_contract_error(resp.status, body, resp.headers.get("Content-Type"))
+    assert (await table.api.ledger(table.sale_id))["pending"] == 1
+
+
+async def test_control_char_in_a_header_is_a_4xx_without_traceback(table: Table) -> None:
+    """A raw control character in a header is malformed HTTP: aiohttp's parser
+    answers it before the app sees a request (so in aiohttp's own text/plain
+    shape, which no middleware can reach). It must still be a 400 with no
+    traceback, and reserve nothing."""
+    host, port = table.api.base.removeprefix("http://").rsplit(":", 1)
+    body = b'{"quantity": 1}'
+    head = (
+        f"POST /api/v1/sales/{table.sale_id}/orders HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: Bearer {table.api.token('mallory')}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\nIdempotency-Key: a"
+    ).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head + b"\x01b\r\n\r\n" + body)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    assert status_line.split()[1] == b"400", raw
+    assert b"Traceback" not in rest
     assert (await table.api.ledger(table.sale_id))["pending"] == 1
