@@ -26,6 +26,7 @@ import pytest
 import redis
 
 from flashsale.config import Settings
+from flashsale.scripts import SCRIPT_FILES
 from tests import support
 from tests.support import Api, eventually, running_app
 
@@ -198,7 +199,12 @@ async def test_readyz_follows_redis_down_and_back(
     redis_child.start()  # same port, same AOF: the sale is back, the script cache is empty
     back = await _wait_ready(api, 200, timeout_s=10.0)
     assert back == {"status": "ok", "checks": {"redis": "ok", "postgres": "ok", "scripts": "ok"}}
-    assert await api.backends.scripts.all_loaded(api.backends.redis)
+    shas = [getattr(api.backends.scripts, name).sha for name in SCRIPT_FILES]
+    probe = redis.Redis.from_url(redis_child.url)
+    try:
+        assert all(probe.script_exists(*shas)), "readyz did not reload the scripts"
+    finally:
+        probe.close()
 
     # the 503s were not remembered under their keys: the retry succeeds now
     status, order = await api.reserve(sid, "during", 1, key="down-1")
