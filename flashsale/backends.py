@@ -10,11 +10,11 @@ from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from flashsale.config import Settings
 from flashsale.keys import SaleKeys
-from flashsale.scripts import Scripts
+from flashsale.scripts import RedisClient, Scripts
 
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
@@ -22,7 +22,7 @@ Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyn
 @dataclass(frozen=True, slots=True)
 class Backends:
     settings: Settings
-    redis: Redis
+    redis: RedisClient
     pg: asyncpg.Pool
     scripts: Scripts
 
@@ -30,8 +30,17 @@ class Backends:
         return SaleKeys(self.settings.key_prefix, sale_id, self.settings.redis_cluster)
 
 
-def redis_client(settings: Settings) -> Redis:
+def redis_client(settings: Settings) -> RedisClient:
+    """A standalone client, or a cluster client (the URL is a seed node) when
+    FLASHSALE_REDIS_CLUSTER is set: every script's keys share the sale's slot."""
     assert settings.redis_url, "redis_url must be set (embedded servers fill it in)"
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            max_connections=256,
+        )
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,

@@ -226,11 +226,15 @@ class Persister:
 
     async def _read_new(self) -> int:
         s = self._b.settings
+        resp: Any
         try:
-            resp: Any = await self._b.redis.xreadgroup(
-                s.consumer_group, self.name, dict.fromkeys(self._streams, ">"),
-                count=s.consumer_batch_max, block=s.consumer_block_ms,
-            )
+            if s.redis_cluster:
+                resp = await self._read_each()
+            else:
+                resp = await self._b.redis.xreadgroup(
+                    s.consumer_group, self.name, dict.fromkeys(self._streams, ">"),
+                    count=s.consumer_batch_max, block=s.consumer_block_ms,
+                )
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
@@ -242,6 +246,25 @@ class Persister:
             for entry_id, fields in items:
                 batch.append((key, entry_id.decode(), fields))
         return await self.handle(batch)
+
+    async def _read_each(self) -> list[Any]:
+        """Redis Cluster: streams live in different slots, so one XREADGROUP per
+        stream (non-blocking), then a bounded sleep when all were empty."""
+        s = self._b.settings
+        resp: list[Any] = []
+        budget = s.consumer_batch_max
+        for key in self._streams:
+            got: Any = await self._b.redis.xreadgroup(
+                s.consumer_group, self.name, {key: ">"}, count=budget
+            )
+            for stream, items in got or []:
+                resp.append((stream, items))
+                budget -= len(items)
+            if budget <= 0:
+                break
+        if not resp:
+            await asyncio.sleep(s.consumer_block_ms / 1000)
+        return resp
 
     async def _reclaim(self) -> int:
         s = self._b.settings

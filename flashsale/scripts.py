@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
 
 from flashsale import errors
 
 _PKG = Path(__file__).resolve().parent
+
+RedisClient: TypeAlias = "Redis | RedisCluster"
 
 
 def lua_dir() -> Path:
@@ -49,7 +51,7 @@ class Scripts:
     dead_letter: AsyncScript
 
     @classmethod
-    def register(cls, redis: Redis) -> Scripts:
+    def register(cls, redis: RedisClient) -> Scripts:
         base = lua_dir()
         loaded: dict[str, Any] = {
             name: redis.register_script((base / fname).read_text())
@@ -57,13 +59,13 @@ class Scripts:
         }
         return cls(**loaded)
 
-    async def preload(self, redis: Redis) -> None:
+    async def preload(self, redis: RedisClient) -> None:
         """SCRIPT LOAD every script (readiness checks that they are loaded)."""
         for name in SCRIPT_FILES:
             script: AsyncScript = getattr(self, name)
             await redis.script_load(script.script)
 
-    async def all_loaded(self, redis: Redis) -> bool:
+    async def all_loaded(self, redis: RedisClient) -> bool:
         shas = [getattr(self, name).sha for name in SCRIPT_FILES]
         flags = await redis.script_exists(*shas)
         return all(bool(f) for f in flags)

@@ -43,6 +43,9 @@ def test_settings(redis_url: str, database_url: str, **overrides: Any) -> Settin
     return replace(base, **overrides)
 
 
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
 @dataclass
 class Api:
     """A thin client for the contract's endpoints, bound to one running app."""

@@ -1,0 +1,111 @@
+"""Redis Cluster: every script runs unchanged because every key of a sale
+shares its hash tag. A real 3-node cluster of child redis-servers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from redis.cluster import key_slot
+
+from flashsale.embedded import find_redis_server
+from tests.support import Api, running_app, test_settings
+
+NODES = 3
+SLOTS = 16384
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    binary = str(find_redis_server())
+    tmp = Path(tempfile.mkdtemp(prefix="flashsale-cluster-"))
+    ports = [_free_port() for _ in range(NODES)]
+    procs = [
+        subprocess.Popen(
+            [binary, "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(tmp / f"nodes-{p}.conf"), "--save", "",
+             "--appendonly", "no", "--dir", str(tmp)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    try:
+        clients = [Redis(port=p) for p in ports]
+        deadline = time.monotonic() + 10
+        for c in clients:
+            while True:
+                try:
+                    c.ping()
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        step = SLOTS // NODES
+        for i, c in enumerate(clients):
+            hi = SLOTS - 1 if i == NODES - 1 else (i + 1) * step - 1
+            c.execute_command("CLUSTER", "ADDSLOTS", *range(i * step, hi + 1))
+        for p in ports[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", p)
+        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
+                      for c in clients):
+            if time.monotonic() > deadline + 20:
+                raise RuntimeError("cluster did not become ok")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+async def test_sales_across_nodes_reserve_persist_release(
+    cluster_url: str, database_url: str
+) -> None:
+    settings = test_settings(cluster_url, database_url, redis_cluster=True)
+    async with running_app(settings) as api:
+        sales = [(await api.create_sale(stock=20, per_user_limit=3))["sale_id"] for _ in range(6)]
+        slots = {key_slot(api.backends.keys(s).sale.encode()) // (SLOTS // NODES) for s in sales}
+        assert len(slots) >= 2, "the sales should land on more than one node"
+        await _spike(api, sales)
+        status, body, _ = await api.request("GET", "/readyz")
+        assert status == 200, body
+
+
+async def _spike(api: Api, sales: list[str]) -> None:
+    calls = [(s, f"u{i % 15}", f"k{i}") for s in sales for i in range(40)]
+    results = await asyncio.gather(*(api.reserve(s, u, 1, key=k) for s, u, k in calls))
+    accepted: dict[str, list[str]] = {s: [] for s in sales}
+    for (sale_id, _u, _k), (status, body) in zip(calls, results, strict=True):
+        assert status in (202, 409), body
+        if status == 202:
+            accepted[sale_id].append(body["order_id"])
+    replay = await api.reserve(calls[0][0], calls[0][1], 1, key=calls[0][2])
+    assert replay == results[0]
+    for sale_id in sales:
+        assert len(accepted[sale_id]) == 20
+        await api.drain(sale_id)
+        led = await api.ledger(sale_id)
+        assert led["consistent"] and led["awaiting_payment"] == 20, led
+    first = accepted[sales[0]][0]
+    owner = (await api.backends.pg.fetchval(
+        "SELECT user_id FROM orders WHERE order_id = $1", first))
+    status, body, _ = await api.request(
+        "POST", f"/api/v1/orders/{first}/cancel", headers=api.buyer(owner)
+    )
+    assert status == 200 and body["status"] == "cancelled", body
+    led = await api.ledger(sales[0])
+    assert led["consistent"] and led["available"] == 1 and led["cancelled"] == 1
