@@ -10,10 +10,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
-from redis.cluster import key_slot
+from redis.crc import key_slot
 
 from flashsale.embedded import find_redis_server
 from tests.support import Api, running_app, test_settings
@@ -26,6 +27,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _cmd(client: Redis, *args: str | int) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +62,10 @@ def cluster_url() -> Iterator[str]:
         step = SLOTS // NODES
         for i, c in enumerate(clients):
             hi = SLOTS - 1 if i == NODES - 1 else (i + 1) * step - 1
-            c.execute_command("CLUSTER", "ADDSLOTS", *range(i * step, hi + 1))
+            _cmd(c, "CLUSTER", "ADDSLOTS", *range(i * step, hi + 1))
         for p in ports[1:]:
-            clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", p)
-        while not all(b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")
-                      for c in clients):
+            _cmd(clients[0], "CLUSTER", "MEET", "127.0.0.1", p)
+        while not all(b"cluster_state:ok" in _cmd(c, "CLUSTER", "INFO") for c in clients):
             if time.monotonic() > deadline + 20:
                 raise RuntimeError("cluster did not become ok")
             time.sleep(0.1)
