@@ -70,6 +70,11 @@ class Settings:
     # reservation path
     idempotency_ttl_s: int = 86_400
     reserve_batch_max: int = 256
+    reserve_inflight_batches: int = 2
+    reserve_queue_max: int = 4096
+    rate_user_per_s: float = 10.0
+    rate_user_burst: float = 20.0
+    rate_global_per_s: float = 0.0
     body_max_bytes: int = 16 * 1024
     quantity_max: int = 1_000_000
     redis_timeout_s: float = 2.0
@@ -123,6 +128,10 @@ class Settings:
             redis_appendfsync=fsync,
             idempotency_ttl_s=_int(env, "FLASHSALE_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
             consumer_batch_max=_int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
+            reserve_queue_max=_int(env, "FLASHSALE_RESERVE_QUEUE_MAX", 4096, 1, 1_000_000),
+            rate_user_per_s=_int(env, "FLASHSALE_RATE_USER_PER_S", 10, 0, 1_000_000),
+            rate_user_burst=_int(env, "FLASHSALE_RATE_USER_BURST", 20, 1, 1_000_000),
+            rate_global_per_s=_int(env, "FLASHSALE_RATE_GLOBAL_PER_S", 0, 0, 10_000_000),
             consumer_claim_idle_ms=_int(
                 env, "FLASHSALE_CONSUMER_CLAIM_IDLE_MS", 5_000, 100, 3_600_000
             ),

@@ -85,56 +85,97 @@ def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Accepted:
     raise RESERVE_ERRORS[code]()
 
 
-class Reserver:
-    """Coalesces reservations per sale per loop tick into one script call."""
+@dataclass(slots=True)
+class _Lane:
+    """One sale's reservations waiting for a script call, and calls in flight."""
 
-    def __init__(self, backends: Backends, *, inflight_max: int = 10_000) -> None:
+    waiting: list[_Item] = field(default_factory=list)
+    inflight: int = 0
+    scheduled: bool = False
+
+
+class Reserver:
+    """Coalesces reservations per sale into script calls.
+
+    Requests that arrive in one loop tick go out together; while a sale has
+    ``inflight_batches`` calls in flight, newcomers wait and leave in the next
+    (larger) batch — batches grow with load. A sale's waiting line is bounded
+    (``queue_max``): past it the answer is 503 ``overloaded`` at once, nothing
+    reserved, so a stalled Redis sheds load instead of queueing without end.
+    """
+
+    def __init__(self, backends: Backends) -> None:
+        s = backends.settings
         self._b = backends
-        self._queues: dict[str, list[_Item]] = {}
-        self._inflight = 0
-        self._inflight_max = inflight_max
+        self._lanes: dict[str, _Lane] = {}
+        self._batch_max = s.reserve_batch_max
+        self._inflight_max = s.reserve_inflight_batches
+        self._queue_max = s.reserve_queue_max
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def queued(self) -> int:
+        return sum(len(lane.waiting) for lane in self._lanes.values())
 
     async def reserve(
         self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None
     ) -> Accepted:
-        if self._inflight >= self._inflight_max:
+        lane = self._lanes.get(sale_id)
+        if lane is None:
+            lane = self._lanes[sale_id] = _Lane()
+        if len(lane.waiting) >= self._queue_max:
             raise errors.Overloaded()
         loop = asyncio.get_running_loop()
         item = _Item(user_id, quantity, idempotency_key, loop.create_future())
-        queue = self._queues.get(sale_id)
-        if queue is None:
-            queue = self._queues[sale_id] = []
-            loop.call_soon(self._flush, sale_id)
-        queue.append(item)
-        self._inflight += 1
-        try:
-            return await item.future
-        finally:
-            self._inflight -= 1
+        lane.waiting.append(item)
+        self._schedule(sale_id, lane)
+        return await item.future
+
+    def _schedule(self, sale_id: str, lane: _Lane) -> None:
+        if not lane.scheduled and lane.waiting and lane.inflight < self._inflight_max:
+            lane.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, sale_id)
 
     def _flush(self, sale_id: str) -> None:
-        items = self._queues.pop(sale_id, [])
-        step = self._b.settings.reserve_batch_max
-        for start in range(0, len(items), step):
-            task = asyncio.create_task(self._run(sale_id, items[start : start + step]))
+        lane = self._lanes.get(sale_id)
+        if lane is None:
+            return
+        lane.scheduled = False
+        while lane.waiting and lane.inflight < self._inflight_max:
+            batch = lane.waiting[: self._batch_max]
+            del lane.waiting[: self._batch_max]
+            lane.inflight += 1
+            task = asyncio.create_task(self._run(sale_id, lane, batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, sale_id: str, items: list[_Item]) -> None:
+    async def _run(self, sale_id: str, lane: _Lane, items: list[_Item]) -> None:
+        try:
+            await self._decide(sale_id, items)
+        finally:
+            lane.inflight -= 1
+            if lane.waiting:
+                self._schedule(sale_id, lane)
+            elif lane.inflight == 0 and self._lanes.get(sale_id) is lane:
+                del self._lanes[sale_id]
+
+    async def _decide(self, sale_id: str, items: list[_Item]) -> None:
         try:
             results = await self._call(sale_id, items)
-        except (RedisConnectionError, RedisTimeoutError, OSError):
+        except RedisTimeoutError:
+            self._fail_all(items, errors.Unavailable(
+                "Redis did not answer in time; the outcome is unknown: retry with the same "
+                "Idempotency-Key to get it"
+            ))
+            return
+        except (RedisConnectionError, OSError):
             self._fail_all(items, errors.Unavailable())
             return
         except RedisError as exc:
             self._fail_all(items, errors.Unavailable(f"reservation failed: {exc}"))
             return
-        except BaseException as exc:
+        except BaseException:
             self._fail_all(items, errors.Unavailable())
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return
+            raise
         for i, item in enumerate(items):
             if item.future.done():
                 continue

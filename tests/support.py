@@ -39,6 +39,7 @@ def test_settings(redis_url: str, database_url: str, **overrides: Any) -> Settin
         consumer_claim_idle_ms=1000,
         consumer_block_ms=50,
         pg_pool_max=20,
+        rate_user_per_s=0.0,  # tests fire many requests per buyer; test_admission enables it
     )
     return replace(base, **overrides)
 

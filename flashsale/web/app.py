@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from flashsale import ledger
+from flashsale.admission import Admission
 from flashsale.auth import Authenticator
 from flashsale.backends import open_backends
 from flashsale.compensate import Compensator
@@ -20,7 +21,7 @@ from flashsale.metrics import Metrics
 from flashsale.persist import Persister
 from flashsale.reserve import Reserver
 from flashsale.web import ops, routes
-from flashsale.web.keys import AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
+from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
 from flashsale.web.middleware import error_middleware
 from flashsale.web.rebuilds import Rebuilds
 
@@ -96,6 +97,10 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.jwt_secret, settings.admin_token)
+    app[ADMISSION] = Admission(
+        user_rate_per_s=settings.rate_user_per_s, user_burst=settings.rate_user_burst,
+        global_rate_per_s=settings.rate_global_per_s,
+    )
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_workers_ctx(workers or Workers()))
     routes.add_routes(app)

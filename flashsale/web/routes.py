@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from flashsale import errors, ledger, orders, sales, validate
-from flashsale.web.keys import AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
+from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
 from flashsale.web.middleware import json_response
 
 ORDER_FIELDS = frozenset({"quantity"})
@@ -27,7 +27,10 @@ async def read_body(request: web.Request) -> bytes:
 
 
 def buyer(request: web.Request) -> str:
-    return request.app[AUTH].buyer(request.headers.get("Authorization"))
+    """The authenticated buyer, admitted by the rate limits (429 otherwise)."""
+    user_id = request.app[AUTH].buyer(request.headers.get("Authorization"))
+    request.app[ADMISSION].admit(user_id)
+    return user_id
 
 
 def admin(request: web.Request) -> None:

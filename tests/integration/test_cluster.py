@@ -4,6 +4,7 @@ shares its hash tag. A real 3-node cluster of child redis-servers."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -33,40 +34,57 @@ def _cmd(client: Redis, *args: str | int) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-@pytest.fixture(scope="module")
-def cluster_url() -> Iterator[str]:
-    binary = str(find_redis_server())
-    tmp = Path(tempfile.mkdtemp(prefix="flashsale-cluster-"))
+def _start_nodes(binary: str, tmp: Path) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
+    """Start the nodes and wait for each to answer; None of them if one died
+    (a port taken between probing and binding): the caller retries."""
     ports = [_free_port() for _ in range(NODES)]
     procs = [
         subprocess.Popen(
             [binary, "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", str(tmp / f"nodes-{p}.conf"), "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
+             "--appendonly", "no", "--dir", str(tmp), "--logfile", str(tmp / f"{p}.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         for p in ports
     ]
+    deadline = time.monotonic() + 20
+    for port, proc in zip(ports, procs, strict=True):
+        client = Redis(host="127.0.0.1", port=port)
+        while True:
+            try:
+                client.ping()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    for other in procs:
+                        other.kill()
+                        other.wait()
+                    return [], []
+                time.sleep(0.05)
+    return ports, procs
+
+
+@pytest.fixture(scope="module")
+def cluster_url() -> Iterator[str]:
+    binary = str(find_redis_server())
+    tmp = Path(tempfile.mkdtemp(prefix="flashsale-cluster-"))
+    for _attempt in range(3):
+        ports, procs = _start_nodes(binary, tmp)
+        if ports:
+            break
+    else:
+        raise RuntimeError(f"could not start {NODES} cluster nodes; logs in {tmp}")
     try:
-        clients = [Redis(port=p) for p in ports]
-        deadline = time.monotonic() + 10
-        for c in clients:
-            while True:
-                try:
-                    c.ping()
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
+        clients = [Redis(host="127.0.0.1", port=p) for p in ports]
         step = SLOTS // NODES
         for i, c in enumerate(clients):
             hi = SLOTS - 1 if i == NODES - 1 else (i + 1) * step - 1
             _cmd(c, "CLUSTER", "ADDSLOTS", *range(i * step, hi + 1))
         for p in ports[1:]:
             _cmd(clients[0], "CLUSTER", "MEET", "127.0.0.1", p)
+        deadline = time.monotonic() + 30
         while not all(b"cluster_state:ok" in _cmd(c, "CLUSTER", "INFO") for c in clients):
-            if time.monotonic() > deadline + 20:
+            if time.monotonic() > deadline:
                 raise RuntimeError("cluster did not become ok")
             time.sleep(0.1)
         yield f"redis://127.0.0.1:{ports[0]}/0"
@@ -74,6 +92,7 @@ def cluster_url() -> Iterator[str]:
         for proc in procs:
             proc.kill()
             proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def test_sales_across_nodes_reserve_persist_release(
