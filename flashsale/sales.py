@@ -9,6 +9,7 @@ compensator (restocks) or rebuilt by reconcile (a sale missing in Redis).
 
 from __future__ import annotations
 
+import logging
 import secrets
 import string
 from dataclasses import dataclass
@@ -16,9 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from redis.exceptions import RedisError
 
 from flashsale import errors, validate
 from flashsale.backends import Backends
+
+log = logging.getLogger("flashsale.sales")
 
 PRICE_MAX = 1_000_000_000
 STOCK_MAX = 1_000_000_000
@@ -117,8 +121,12 @@ async def fetch_row(b: Backends, sale_id: str) -> asyncpg.Record:
 
 
 async def render(b: Backends, row: asyncpg.Record) -> dict[str, Any]:
-    """The contract's sale body; `available` comes from Redis, the live counter."""
-    raw = await b.redis.hget(b.keys(row["sale_id"]).sale, "available")
+    """The contract's sale body; `available` comes from Redis, the live counter
+    (PostgreSQL's stock - sold when Redis does not have it or does not answer)."""
+    try:
+        raw = await b.redis.hget(b.keys(row["sale_id"]).sale, "available")
+    except (RedisError, OSError):
+        raw = None
     available = int(raw) if raw is not None else int(row["stock"] - row["sold"])
     now = datetime.now(UTC)
     return {
@@ -157,7 +165,10 @@ async def restock(b: Backends, sale_id: str, quantity: int) -> dict[str, Any]:
             "INSERT INTO restocks (sale_id, quantity) VALUES ($1, $2) RETURNING restock_id",
             sale_id, quantity,
         )
-    await apply_restock(b, sale_id, int(restock_id), quantity)
+    try:
+        await apply_restock(b, sale_id, int(restock_id), quantity)
+    except (RedisError, OSError) as exc:  # committed: the compensator's sweep applies it
+        log.warning("restock %s of %s committed, Redis step deferred: %r", restock_id, sale_id, exc)
     return await render(b, row)
 
 
