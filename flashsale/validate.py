@@ -23,6 +23,9 @@ MISSING: Final = _Missing()
 SALE_ID_RE = re.compile(r"^sl_[a-z0-9]{12}$")
 ORDER_ID_RE = re.compile(r"^(sl_[a-z0-9]{12})-[0-9a-f]{21}$")
 IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?$")
+# Match these with .fullmatch(): in Python `$` also matches before a trailing
+# newline ("sl_abcdefghij12\n" would pass .match). The patterns keep `$` so they
+# read as the OpenAPI (ECMA-262) patterns do.
 
 
 def json_object(raw: bytes, *, allow_empty: bool = False) -> dict[str, Any]:
@@ -108,12 +111,12 @@ def iso_ms(ms: int) -> str:
 def sale_id(value: str) -> str:
     from flashsale.errors import SaleNotFound
 
-    if not SALE_ID_RE.match(value):
+    if not SALE_ID_RE.fullmatch(value):
         raise SaleNotFound()
     return value
 
 
 def order_sale_id(order_id: str) -> str | None:
     """The sale an order id belongs to, or None when the id is malformed."""
-    m = ORDER_ID_RE.match(order_id)
+    m = ORDER_ID_RE.fullmatch(order_id)
     return m.group(1) if m else None

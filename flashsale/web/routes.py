@@ -66,7 +66,7 @@ def idempotency_key(request: web.Request) -> str | None:
     raw = request.headers.get("Idempotency-Key")
     if raw is None:
         return None
-    if not validate.IDEMPOTENCY_KEY_RE.match(raw):
+    if not validate.IDEMPOTENCY_KEY_RE.fullmatch(raw):
         raise errors.InvalidRequest("Idempotency-Key must be 1-128 printable ASCII characters")
     return raw
 

@@ -93,7 +93,7 @@ class Case:
     status: int
     code: str
     body: bytes | None = None
-    auth: str | None = "buyer"  # "buyer", "admin", "other-buyer", a BAD_AUTH name, or None
+    auth: str | None = "buyer"  # buyer/owner/other-buyer/admin, a BAD_AUTH name, or None
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -181,6 +181,12 @@ CASES: list[Case] = [
          auth=None),
     Case("sale-percent-encoded-nul", "GET", "/api/v1/sales/sl_%00", 404, "sale_not_found",
          auth=None),
+    Case("sale-id-trailing-newline", "GET", f"/api/v1/sales/{UNKNOWN_SALE}%0A", 404,
+         "sale_not_found", auth=None),
+    Case("order-sale-id-trailing-newline", "POST", "/api/v1/sales/{sale}%0A/orders", 404,
+         "sale_not_found", _j({"quantity": 1})),
+    Case("order-get-id-trailing-newline", "GET", "/api/v1/orders/{order}%0A", 404,
+         "order_not_found", auth="owner"),
     # -- POST sales (admin) ---------------------------------------------------------
     Case("create-no-token", "POST", "/api/v1/sales", 401, UNAUTH, _sale_body(), auth=None),
     Case("create-buyer-token", "POST", "/api/v1/sales", 401, UNAUTH, _sale_body()),
@@ -347,6 +353,8 @@ def _headers(t: Table, case: Case) -> dict[str, str]:
     auth: str | None
     if case.auth == "buyer":
         auth = _bearer(t.api.token("mallory"))
+    elif case.auth == "owner":
+        auth = _bearer(t.api.token(t.owner))
     elif case.auth == "other-buyer":
         auth = _bearer(t.api.token("not-" + t.owner))
     elif case.auth == "admin":
