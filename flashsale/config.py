@@ -41,13 +41,26 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     return value
 
 
-def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+def _url(
+    env: Mapping[str, str], name: str, schemes: tuple[str, ...], *, check_port: bool = True
+) -> str | None:
+    """The URL in ``name``, or None. The message never quotes the URL: it may
+    hold a password. ``check_port`` is off for PostgreSQL DSNs, which may name
+    several hosts ("h1:5432,h2:5433")."""
     raw = env.get(name) or None
     if raw is None:
         return None
-    scheme = urlsplit(raw).scheme
-    if scheme not in schemes:
-        raise ConfigError(f"{name} must be a URL with scheme {' or '.join(schemes)} (got {raw!r})")
+    try:
+        parts = urlsplit(raw)  # ValueError on e.g. "redis://[::1"
+        if check_port:
+            _ = parts.port  # ValueError unless absent or a number in 0..65535
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a valid URL ({exc})") from None
+    if parts.scheme not in schemes:
+        raise ConfigError(
+            f"{name} must be a URL with scheme {' or '.join(schemes)} "
+            f"(got {parts.scheme + '://' if parts.scheme else 'no scheme'})"
+        )
     return raw
 
 
@@ -118,7 +131,9 @@ class Settings:
             raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
         return cls(
             redis_url=_url(env, "FLASHSALE_REDIS_URL", ("redis", "rediss", "unix")),
-            database_url=_url(env, "FLASHSALE_DATABASE_URL", ("postgres", "postgresql")),
+            database_url=_url(
+                env, "FLASHSALE_DATABASE_URL", ("postgres", "postgresql"), check_port=False
+            ),
             host=env.get("FLASHSALE_HOST") or "127.0.0.1",
             port=_int(env, "FLASHSALE_PORT", 8080, 0, 65535),
             data_dir=Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),

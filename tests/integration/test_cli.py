@@ -414,7 +414,9 @@ def test_help_for_every_subcommand() -> None:
         ("up", "FLASHSALE_PORT", "eighty"),
         ("up", "FLASHSALE_PORT", "70000"),
         ("up", "FLASHSALE_REDIS_URL", "http://127.0.0.1:6379"),
-        ("migrate", "FLASHSALE_DATABASE_URL", "mysql://x@127.0.0.1/db"),
+        ("migrate", "FLASHSALE_DATABASE_URL", "mysql://x:s3cret-pw@127.0.0.1/db"),
+        ("migrate", "FLASHSALE_DATABASE_URL", "postgresql://x:s3cret-pw@[::1/db"),
+        ("up", "FLASHSALE_REDIS_URL", "redis://127.0.0.1:port/0"),
     ],
 )
 def test_invalid_configuration_stops_with_a_clear_message(
@@ -425,5 +427,7 @@ def test_invalid_configuration_stops_with_a_clear_message(
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
     assert var in res.stderr and "configuration" in res.stderr, res.stderr
+    if var.endswith(("_URL", "_SECRET", "_TOKEN")):  # may hold credentials: never echoed
+        assert value not in res.stderr and "s3cret-pw" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) <= 3
     assert processes_mentioning(data_dir) == []
