@@ -23,7 +23,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from flashsale import sales
+from flashsale import events, sales
 from flashsale.backends import Backends, Conn
 from flashsale.metrics import Metrics
 
@@ -139,6 +139,8 @@ async def release_in_redis(b: Backends, order_id: str, sale_id: str) -> int:
         "WHERE order_id = $1 AND redis_released_at IS NULL",
         order_id,
     )
+    if qty > 0:  # the stock went back just now (once per order): tell the subscribers
+        await events.publish_released(b, order_id, sale_id, qty)
     return qty
 
 

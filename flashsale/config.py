@@ -105,6 +105,21 @@ class Settings:
     pg_pool_min: int = 2
     pg_pool_max: int = 10
     pg_timeout_s: float = 5.0
+    # commerce: webhook, mock gateway and carrier, fulfilment saga, domain events
+    webhook_tolerance_s: int = 300
+    gateway_timeout_s: float = 2.0
+    gateway_webhook_attempts: int = 5
+    carrier_timeout_s: float = 2.0
+    carrier_attempts_max: int = 5
+    refund_attempts_max: int = 10
+    saga_backoff_base_s: float = 0.5
+    saga_backoff_max_s: float = 60.0
+    saga_lease_s: float = 30.0
+    saga_interval_s: float = 0.25
+    saga_batch_max: int = 100
+    breaker_failure_threshold: int = 5
+    breaker_open_s: float = 5.0
+    events_maxlen: int = 100_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

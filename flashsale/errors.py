@@ -119,3 +119,15 @@ class Unavailable(FlashsaleError):
     """A backend is unavailable; nothing was changed. Retry later."""
 
     status, code, retry_after_s = 503, "unavailable", 2
+
+
+class InvalidSignature(FlashsaleError):
+    """The webhook signature is missing, malformed, stale or wrong."""
+
+    status, code = 400, "invalid_signature"
+
+
+class PaymentNotFound(FlashsaleError):
+    """No such payment."""
+
+    status, code = 404, "payment_not_found"

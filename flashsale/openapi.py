@@ -45,6 +45,8 @@ ORDER_STATUSES: Final = (
 )
 PAYMENT_STATUSES: Final = ("requires_payment",)
 WEBHOOK_EVENT_TYPES: Final = ("payment.succeeded", "payment.failed")
+WEBHOOK_OUTCOMES: Final = ("paid", "refunded", "payment_failed", "no_change", "duplicate")
+SETTLE_OUTCOMES: Final = ("succeeded", "failed")
 LEDGER_FIGURES: Final = (
     "stock",
     "available",
@@ -402,6 +404,38 @@ def _schemas() -> JSONObject:
             },
             description="Payment gateway event.",
         ),
+        "WebhookAck": _object(
+            {
+                "status": _enum(("ok",), "The event is processed (now or before)."),
+                "event_id": _string(description="The event's id."),
+                "outcome": _enum(
+                    WEBHOOK_OUTCOMES,
+                    "`paid`: the order is paid (shipping follows); `refunded`: the order was "
+                    "no longer payable (expired, cancelled, failed), a refund is recorded and "
+                    "the order stays as it was; `payment_failed`: the order stays payable; "
+                    "`no_change`: the payment was settled already; `duplicate`: this "
+                    "`event_id` was processed before, nothing changed.",
+                ),
+            },
+            description="200 body of the webhook.",
+        ),
+        "GatewaySettle": _object(
+            {"outcome": _enum(SETTLE_OUTCOMES, "How the mock gateway settles the payment.")},
+            description="Settle a payment through the mock gateway (development and tests).",
+        ),
+        "Settlement": _object(
+            {
+                "payment_id": _string(),
+                "event_id": _string(description="The id of the event the gateway sent."),
+                "type": _enum(WEBHOOK_EVENT_TYPES, "The event type sent."),
+                "webhook_status": _integer(
+                    0, description="Our webhook's HTTP status (0: not delivered)."
+                ),
+                "webhook_response": {"description": "Our webhook's response body."},
+                "attempts": _integer(1, description="Deliveries tried (5xx are retried)."),
+            },
+            description="What the mock gateway sent to the webhook and got back.",
+        ),
         "Health": _object({"status": _enum(("ok",), "The process serves.")}),
         "Readiness": _object(
             {
@@ -431,6 +465,7 @@ def _parameters() -> JSONObject:
     return {
         "SaleId": _path_param("sale_id", "Sale identifier."),
         "OrderId": _path_param("order_id", "Order identifier."),
+        "PaymentId": _path_param("payment_id", "Payment identifier."),
         "IdempotencyKey": {
             "name": "Idempotency-Key",
             "in": "header",
@@ -691,19 +726,56 @@ def _webhook_paths() -> JSONObject:
                 "payments",
                 "public",
                 {
-                    "200": _response("Processed, or an already processed `event_id`."),
+                    "200": _response(
+                        "Processed, or an already processed `event_id`.", _schema("WebhookAck")
+                    ),
                     "400": _error_response(
-                        "Bad or missing signature, timestamp more than 300 s from now, or "
-                        "malformed body; nothing changed."
+                        "Bad or missing signature, timestamp more than 300 s from now "
+                        "(`invalid_signature`), or malformed body, unknown payment or wrong "
+                        "amount (`invalid_request`); nothing changed.",
+                        ["invalid_signature", "invalid_request"],
                     ),
                     "503": _unavailable(),
                 },
                 description="Authenticated by the `Flashsale-Signature` HMAC, not a bearer "
                 "token. `payment.succeeded` with the right amount on a payable order makes it "
                 "`paid` (then `shipped`); on an `expired` or `cancelled` order it records a "
-                "refund instead. `payment.failed` leaves the order payable until it expires.",
+                "refund instead. `payment.failed` leaves the order payable until it expires. "
+                "An event for an order still `pending` (not yet persisted) answers 503 with "
+                "`Retry-After` and changes nothing; the gateway retries.",
                 parameters=[_ref("parameters", "FlashsaleSignature")],
                 request_body=_request_body("WebhookEvent", "The gateway event."),
+            )
+        }
+    }
+
+
+def _gateway_paths() -> JSONObject:
+    return {
+        "/api/v1/admin/gateway/payments/{payment_id}/settle": {
+            "post": _operation(
+                "settlePayment",
+                "Settle a payment through the mock gateway",
+                "admin",
+                "admin",
+                {
+                    "200": _response(
+                        "The gateway sent the signed webhook; its answer is included.",
+                        _schema("Settlement"),
+                    ),
+                    "400": _bad_request("malformed JSON, unknown fields or unknown outcome"),
+                    "404": _error_response("No payment with this id.", ["payment_not_found"]),
+                    "503": _unavailable(),
+                },
+                description="Development and tests only (an addition to the contract): the "
+                "in-process mock gateway sends `POST /api/v1/payments/webhook` an event "
+                "`payment.succeeded` or `payment.failed` for this payment, signed with "
+                "FLASHSALE_WEBHOOK_SECRET exactly as a real gateway would, retrying a 5xx "
+                "answer a bounded number of times.",
+                parameters=[_ref("parameters", "PaymentId")],
+                request_body=_request_body(
+                    "GatewaySettle", "The outcome to report.", {"outcome": "succeeded"}
+                ),
             )
         }
     }
@@ -786,6 +858,7 @@ def build_openapi() -> dict[str, Any]:
             **_sale_paths(),
             **_order_paths(),
             **_webhook_paths(),
+            **_gateway_paths(),
             **_operations_paths(),
         },
         "components": _components(),

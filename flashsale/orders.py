@@ -92,9 +92,18 @@ async def locate(
 async def get(b: Backends, order_id: str, user_id: str) -> dict[str, Any]:
     row, pending = await locate(b, order_id, user_id)
     if row is not None:
-        return render(row)
+        return await with_payment_id(b, render(row))
     assert pending is not None
-    return pending.body()
+    return await with_payment_id(b, pending.body())
+
+
+async def with_payment_id(b: Backends, body: dict[str, Any]) -> dict[str, Any]:
+    """Fill in the order's payment, requested perhaps before the order was persisted."""
+    if body["payment_id"] is None:
+        body["payment_id"] = await b.pg.fetchval(
+            "SELECT payment_id FROM payments WHERE order_id = $1", body["order_id"]
+        )
+    return body
 
 
 async def _cancel_pending(b: Backends, p: PendingOrder) -> bool:
@@ -123,5 +132,5 @@ async def cancel(b: Backends, order_id: str, user_id: str) -> dict[str, Any]:
         await compensate.release_in_redis(b, order_id, sale_id)
         final = await fetch_row(b, order_id)
         assert final is not None
-        return render(final)
+        return await with_payment_id(b, render(final))
     raise errors.Unavailable("the order is changing; retry")

@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import ResponseError
 
+from flashsale import events
 from flashsale.backends import Backends, Conn
 from flashsale.metrics import Metrics
 
@@ -371,6 +372,7 @@ class Persister:
                 args += [e.entry_id, e.order_id, e.quantity]
             await self._b.scripts.ack_persisted(keys=[k.sale, k.pending, k.stream], args=args)
         self._m.orders_persisted.inc(len(entries) - len(failed))
+        await events.publish_accepted(self._b, entries, failed)  # best effort, never raises
         if failed:
             from flashsale.compensate import release_in_redis
 

@@ -17,11 +17,22 @@ from flashsale.auth import Authenticator
 from flashsale.backends import open_backends
 from flashsale.compensate import Compensator
 from flashsale.config import Settings
+from flashsale.events import Notifier
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
 from flashsale.reserve import Reserver
-from flashsale.web import ops, routes
-from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
+from flashsale.saga import SagaRunner
+from flashsale.web import ops, payments, routes
+from flashsale.web.keys import (
+    ADMISSION,
+    AUTH,
+    BACKENDS,
+    INTEGRATIONS,
+    METRICS,
+    REBUILDS,
+    RESERVER,
+    SETTINGS,
+)
 from flashsale.web.middleware import error_middleware
 from flashsale.web.rebuilds import Rebuilds
 
@@ -37,6 +48,7 @@ class Workers:
 
     consumer: bool = False
     compensator: bool = False
+    saga: bool = False  # the fulfilment saga and the notifier; also run with the compensator
 
 
 async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -78,6 +90,9 @@ def _workers_ctx(
         if workers.compensator:
             loops.append(Compensator(b, m).run)
             loops.append(lambda ev: _periodic_rebuild(app, ev))
+        if workers.saga or workers.compensator:
+            loops.append(SagaRunner(b, app[INTEGRATIONS]).run)
+            loops.append(Notifier(b).run)
         tasks: list[asyncio.Task[None]] = [asyncio.ensure_future(loop(stop)) for loop in loops]
         yield
         stop.set()
@@ -105,4 +120,5 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     app.cleanup_ctx.append(_workers_ctx(workers or Workers()))
     routes.add_routes(app)
     ops.add_routes(app)
+    payments.setup(app)
     return app

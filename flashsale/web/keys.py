@@ -8,6 +8,7 @@ from flashsale.admission import Admission
 from flashsale.auth import Authenticator
 from flashsale.backends import Backends
 from flashsale.config import Settings
+from flashsale.integrations import Integrations
 from flashsale.metrics import Metrics
 from flashsale.reserve import Reserver
 from flashsale.web.rebuilds import Rebuilds
@@ -19,3 +20,4 @@ ADMISSION = web.AppKey("admission", Admission)
 BACKENDS = web.AppKey("backends", Backends)
 RESERVER = web.AppKey("reserver", Reserver)
 REBUILDS = web.AppKey("rebuilds", Rebuilds)
+INTEGRATIONS = web.AppKey("integrations", Integrations)

@@ -30,6 +30,7 @@ CONTRACT: list[tuple[str, str, str, str | None]] = [
     ("post", "/api/v1/orders/{order_id}/cancel", "cancelOrder", "buyerJWT"),
     ("post", "/api/v1/orders/{order_id}/pay", "payOrder", "buyerJWT"),
     ("post", "/api/v1/payments/webhook", "paymentWebhook", None),
+    ("post", "/api/v1/admin/gateway/payments/{payment_id}/settle", "settlePayment", "adminToken"),
     ("get", "/healthz", "healthz", None),
     ("get", "/readyz", "readyz", None),
     ("get", "/metrics", "metrics", None),
@@ -46,7 +47,8 @@ EXPECTED_STATUSES: dict[str, set[str]] = {
     "getOrder": {"200", "401", "404"},
     "cancelOrder": {"200", "401", "404", "409"},
     "payOrder": {"201", "401", "404", "409"},
-    "paymentWebhook": {"200", "400"},
+    "paymentWebhook": {"200", "400", "503"},
+    "settlePayment": {"200", "400", "401", "404"},
     "healthz": {"200"},
     "readyz": {"200", "503"},
     "metrics": {"200"},
@@ -71,6 +73,8 @@ EXPECTED_ERROR_CODES: dict[tuple[str, str], set[str]] = {
     ("cancelOrder", "409"): {"order_not_cancellable"},
     ("payOrder", "404"): {"order_not_found"},
     ("payOrder", "409"): {"order_not_payable"},
+    ("paymentWebhook", "400"): {"invalid_signature", "invalid_request"},
+    ("settlePayment", "404"): {"payment_not_found"},
 }
 
 # Non-2xx responses whose body is not the error envelope, by contract.
@@ -330,7 +334,7 @@ def test_request_body_schemas_are_closed(doc: JSONObject) -> None:
                 if "properties" in schema:
                     assert schema.get("additionalProperties") is False, operation["operationId"]
                     assert set(schema.get("required", [])) <= set(schema["properties"])
-    assert bodies == 4  # createSale, restockSale, createOrder, paymentWebhook
+    assert bodies == 5  # createSale, restockSale, createOrder, paymentWebhook, settlePayment
 
 
 def test_sale_create_bounds(doc: JSONObject) -> None:
@@ -375,7 +379,9 @@ def test_quantity_bodies(doc: JSONObject) -> None:
         assert _rejects(doc, name, {"quantity": "1"}), name
         assert _rejects(doc, name, {"quantity": 1, "extra": True}), name
         assert _rejects(doc, name, []), name
-    for operation_id in ("createSale", "restockSale", "createOrder", "paymentWebhook"):
+    for operation_id in (
+        "createSale", "restockSale", "createOrder", "paymentWebhook", "settlePayment"
+    ):
         body = _by_id(doc)[operation_id]["requestBody"]
         assert body["required"] is True
         assert "16 KiB" in body["description"]
@@ -606,3 +612,21 @@ def test_build_is_deterministic() -> None:
     first = build_openapi()
     second = copy.deepcopy(first)
     assert json.dumps(build_openapi(), sort_keys=False) == json.dumps(second, sort_keys=False)
+
+
+def test_gateway_settle_and_webhook_ack(doc: JSONObject) -> None:
+    _check(doc, "GatewaySettle", {"outcome": "succeeded"})
+    _check(doc, "GatewaySettle", {"outcome": "failed"})
+    for bad in ({}, {"outcome": "refunded"}, {"outcome": "succeeded", "amount_cents": 1}):
+        assert _rejects(doc, "GatewaySettle", bad), bad
+    _check(doc, "WebhookAck", {"status": "ok", "event_id": "evt_1", "outcome": "paid"})
+    assert _rejects(doc, "WebhookAck", {"status": "ok", "event_id": "e", "outcome": "shipped"})
+    _check(
+        doc,
+        "Settlement",
+        {"payment_id": "pay_1", "event_id": "evt_1", "type": "payment.succeeded",
+         "webhook_status": 200, "webhook_response": {"status": "ok"}, "attempts": 1},
+    )
+    operation = _by_id(doc)["settlePayment"]
+    assert operation["tags"] == ["admin"]
+    assert operation["security"] == [{"adminToken": []}]

@@ -1,0 +1,185 @@
+"""Domain events on a Redis stream, and a notification consumer that logs them.
+
+    <prefix>:events   stream, capped (MAXLEN ~ events_maxlen); one entry per
+                      event: type, order_id, sale_id, at_ms and the event's data
+
+Events: ``order_accepted`` (the consumer persisted it), ``order_paid`` (the
+webhook committed it), ``order_shipped`` (the saga booked it),
+``order_released`` (its stock went back to the sale: cancel, expiry,
+failure). They are published after the PostgreSQL commit, best effort:
+publishing never raises into the core flow and never delays it beyond one
+Redis round trip. Delivery is at least once while Redis keeps the stream (a
+redelivered stream entry can announce an order again) and may miss an event
+when the process dies between the commit and the XADD: fit for
+notifications, not for bookkeeping, which PostgreSQL does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from redis.exceptions import ResponseError
+
+from flashsale.backends import Backends
+
+log = logging.getLogger("flashsale.events")
+notify_log = logging.getLogger("flashsale.notify")
+
+EVENT_TYPES = ("order_accepted", "order_paid", "order_shipped", "order_released")
+NOTIFY_GROUP = "notify"
+NOTIFY_BATCH_MAX = 100
+NOTIFY_BLOCK_MS = 200
+NOTIFY_CLAIM_IDLE_MS = 30_000
+NOTIFY_BACKOFF_MAX_S = 5.0
+
+
+def stream_key(prefix: str) -> str:
+    return f"{prefix}:events"
+
+
+@dataclass(frozen=True, slots=True)
+class DomainEvent:
+    type: str
+    order_id: str
+    sale_id: str
+    data: Mapping[str, str | int] = field(default_factory=dict)
+
+    def fields(self) -> dict[Any, Any]:
+        out: dict[str, str] = {
+            "type": self.type, "order_id": self.order_id, "sale_id": self.sale_id,
+            "at_ms": str(int(time.time() * 1000)),
+        }
+        out.update({k: str(v) for k, v in self.data.items() if k not in out})
+        return out
+
+
+class _Order(Protocol):
+    @property
+    def order_id(self) -> str: ...
+    @property
+    def sale_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def amount_cents(self) -> int: ...
+
+
+async def publish(b: Backends, events: Sequence[DomainEvent]) -> int:
+    """XADD the events in one round trip; log and swallow any failure."""
+    if not events:
+        return 0
+    key = stream_key(b.settings.key_prefix)
+    try:
+        async with b.redis.pipeline(transaction=False) as pipe:
+            for ev in events:
+                pipe.xadd(key, ev.fields(), maxlen=b.settings.events_maxlen, approximate=True)
+            await pipe.execute()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # never into the core flow
+        log.warning("could not publish %d domain event(s): %r", len(events), exc)
+        return 0
+    return len(events)
+
+
+async def publish_accepted(
+    b: Backends, persisted: Iterable[_Order], failed: Iterable[_Order]
+) -> int:
+    """After the consumer's commit: accepted for the persisted, released for the failed."""
+    failed_ids = {o.order_id for o in failed}
+    out = [
+        DomainEvent("order_accepted", o.order_id, o.sale_id,
+                    {"user_id": o.user_id, "quantity": o.quantity,
+                     "amount_cents": o.amount_cents})
+        for o in persisted if o.order_id not in failed_ids
+    ]
+    return await publish(b, out)
+
+
+async def publish_released(b: Backends, order_id: str, sale_id: str, quantity: int) -> int:
+    """After a release returned the stock in Redis (once per order)."""
+    reason: Any = None
+    with contextlib.suppress(Exception):
+        reason = await b.pg.fetchval("SELECT reason FROM releases WHERE order_id = $1", order_id)
+    data: dict[str, str | int] = {"quantity": quantity, "reason": str(reason or "unknown")}
+    return await publish(b, [DomainEvent("order_released", order_id, sale_id, data)])
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+class Notifier:
+    """Subscribes to the events stream (its own consumer group) and logs one line
+    per event; a stand-in for e-mail or push. It reads, never writes, the
+    order tables, so it cannot slow or break the order flow."""
+
+    def __init__(self, backends: Backends, name: str = "notifier") -> None:
+        self._b = backends
+        self.name = name
+        self._key = stream_key(backends.settings.key_prefix)
+        self._group_ready = False
+        self.seen = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff_s = 0.0
+        while not stop.is_set():
+            try:
+                await self.step()
+                backoff_s = 0.0
+            except Exception as exc:  # outlive any failure; bounded backoff
+                backoff_s = min(NOTIFY_BACKOFF_MAX_S, max(0.1, backoff_s * 2))
+                log.warning("notifier step failed (%r); retrying in %.1fs", exc, backoff_s)
+                self._group_ready = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff_s)
+
+    async def step(self, block_ms: int | None = NOTIFY_BLOCK_MS) -> int:
+        """Read (and reclaim) a bounded batch, log it, ack it. Returns events handled."""
+        await self._ensure_group()
+        redis = self._b.redis
+        claimed: Any = await redis.xautoclaim(
+            self._key, NOTIFY_GROUP, self.name, NOTIFY_CLAIM_IDLE_MS, start_id="0-0",
+            count=NOTIFY_BATCH_MAX,
+        )
+        items = [(eid, f) for eid, f in claimed[1] if f]
+        resp: Any = await redis.xreadgroup(
+            NOTIFY_GROUP, self.name, {self._key: ">"}, count=NOTIFY_BATCH_MAX, block=block_ms,
+        )
+        for _stream, entries in resp or []:
+            items.extend(entries)
+        for _entry_id, fields in items:
+            self._notify({_text(k): _text(v) for k, v in fields.items()})
+        if items:
+            await redis.xack(self._key, NOTIFY_GROUP, *[eid for eid, _ in items])
+        self.seen += len(items)
+        return len(items)
+
+    async def _ensure_group(self) -> None:
+        if self._group_ready:
+            return
+        try:
+            await self._b.redis.xgroup_create(self._key, NOTIFY_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._group_ready = True
+
+    @staticmethod
+    def _notify(fields: dict[str, str]) -> None:
+        kind = fields.get("type", "?")
+        extra = " ".join(f"{k}={v}" for k, v in sorted(fields.items())
+                         if k not in ("type", "order_id", "sale_id"))
+        notify_log.info("%s order=%s sale=%s %s", kind, fields.get("order_id"),
+                        fields.get("sale_id"), extra)
