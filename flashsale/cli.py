@@ -56,8 +56,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear message, never a traceback
+        import asyncpg
+        from redis.exceptions import RedisError
+
         from flashsale.embedded import EmbeddedError
 
+        # a server that refuses us (unknown database, bad password, Redis
+        # down...) is an environment problem, not a bug: say what it said
+        if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+            print(f"flashsale: PostgreSQL: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, RedisError):
+            print(f"flashsale: Redis: {exc}", file=sys.stderr)
+            return 1
         if isinstance(exc, EmbeddedError | ConnectionError | OSError):
             print(f"flashsale: {exc}", file=sys.stderr)
             return 1

@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -431,3 +432,43 @@ def test_invalid_configuration_stops_with_a_clear_message(
         assert value not in res.stderr and "s3cret-pw" not in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) <= 3
     assert processes_mentioning(data_dir) == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # nothing listens once the socket is closed
+
+
+async def test_unreachable_or_refusing_servers_are_a_message_not_a_traceback(
+    server_urls: tuple[str, str], database_url: str
+) -> None:
+    missing_db = _with_database(server_urls[1], "flashsale_no_such_db_" + secrets.token_hex(3))
+    dead_redis = f"redis://127.0.0.1:{_closed_port()}/0"
+    sale_id = "sl_" + secrets.token_hex(6)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "INSERT INTO sales (sale_id, sku, name, price_cents, stock, per_user_limit, "
+            "starts_at, hold_seconds) VALUES ($1, 'S', 'n', 1, 1, 1, now(), 60)",
+            sale_id,
+        )
+    finally:
+        await conn.close()
+    cases = [
+        (["migrate"], server_urls[0], missing_db, "does not exist"),
+        (["up"], server_urls[0], missing_db, "does not exist"),
+        (["reconcile", sale_id], server_urls[0], missing_db, "does not exist"),
+        (["reconcile", sale_id], dead_redis, database_url, "Redis"),
+        (["migrate"], server_urls[0], f"postgresql://postgres@127.0.0.1:{_closed_port()}/x",
+         "refused"),
+    ]
+    for args, redis_url, db_url, says in cases:
+        env = clean_env(
+            FLASHSALE_REDIS_URL=redis_url, FLASHSALE_DATABASE_URL=db_url, FLASHSALE_PORT="0"
+        )
+        res = run_cli(args, env, 60.0)
+        assert res.returncode == 1, (args, res.returncode, res.stderr)
+        assert "Traceback" not in res.stderr, (args, res.stderr)
+        assert res.stderr.startswith("flashsale: ") and says in res.stderr, (args, res.stderr)
