@@ -18,8 +18,11 @@ from flashsale import auth, errors, ledger, migrate, runtime
 from flashsale.backends import open_backends
 from flashsale.compensate import Compensator
 from flashsale.config import ConfigError, Settings
+from flashsale.events import Notifier
+from flashsale.integrations import Integrations
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
+from flashsale.saga import SagaRunner
 from flashsale.web.app import Workers, _periodic_rebuild, create_app
 
 WORKERS_MAX = 64
@@ -32,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the HTTP front only")
     serve.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     sub.add_parser("consume", help="the stream consumer (persists orders)")
-    sub.add_parser("compensate", help="the compensator (expiry, releases, Redis rebuilds)")
+    sub.add_parser(
+        "compensate", help="the compensator (expiry, releases, Redis rebuilds) and the saga"
+    )
     sub.add_parser("migrate", help="apply database migrations")
     tok = sub.add_parser("token", help="print a buyer JWT")
     tok.add_argument("user_id")
@@ -171,7 +176,14 @@ async def _loop(s: Settings, which: str) -> int:
             from flashsale.web.keys import BACKENDS
 
             app[BACKENDS] = b
-            await asyncio.gather(Compensator(b, m).run(stop), _periodic_rebuild(app, stop))
+            integrations = Integrations.from_settings(s)  # the saga's gateway and carrier
+            try:
+                await asyncio.gather(
+                    Compensator(b, m).run(stop), _periodic_rebuild(app, stop),
+                    SagaRunner(b, integrations).run(stop), Notifier(b).run(stop),
+                )
+            finally:
+                await integrations.close()
     return 0
 
 
