@@ -307,12 +307,43 @@ class Persister:
                     entry = Entry.parse(self._streams[key], item[1], item[2])
                 except PoisonEntry:
                     entry = None
+                if entry is not None and not await self._tombstone(entry):
+                    keep.append(item)  # committed before its consumer died: ack it as persisted
+                    continue
                 await self._dead_letter(
                     self._streams[key], item[1], entry, "delivered too many times", item[2]
                 )
             else:
                 keep.append(item)
         return keep
+
+    async def _tombstone(self, e: Entry) -> bool:
+        """Before an exhausted entry is dead-lettered, record its order as failed
+        (with its release row) so that no consumer can persist it afterwards.
+        False when the order is in PostgreSQL otherwise: a consumer committed it
+        and died before the ack, so it must be acked as persisted, not released."""
+        try:
+            async with self._b.pg.acquire() as conn, conn.transaction():
+                inserted = await conn.fetchval(
+                    _INSERT_FAILED, e.order_id, e.sale_id, e.user_id, e.quantity,
+                    e.amount_cents, e.idempotency_key, _ts(e.created_ms), _ts(e.expires_ms),
+                )
+                if inserted is None:  # failed already (an earlier attempt died): go on
+                    status = await conn.fetchval(
+                        "SELECT status FROM orders WHERE order_id = $1", e.order_id
+                    )
+                    return bool(status == "failed")
+                await conn.execute(
+                    "INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail) "
+                    "VALUES ($1, $2, $3, 'failed', $4, 'dead-lettered: delivered too many times') "
+                    "ON CONFLICT (order_id) DO NOTHING",
+                    e.order_id, e.sale_id, e.quantity, self.name,
+                )
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+                raise
+            return True  # the order cannot be written at all: dead-letter it without a row
+        return True
 
     async def handle(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> int:
         if not batch:
