@@ -264,7 +264,7 @@ async def use_the_service(up: Up, env: Mapping[str, str]) -> dict[str, Any]:
             if seen["status"] == "awaiting_payment":
                 break
             assert time.monotonic() < deadline, f"the consumer did not persist {seen}"
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.25)  # well under the default per-buyer rate limit
         async with s.get(f"{up.url}/metrics") as r:
             assert r.status == 200
     return {"sale": sale, "order": seen}
