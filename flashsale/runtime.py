@@ -64,8 +64,12 @@ def keep_generated_secrets(settings: Settings) -> Settings:
         stored[var] = stored.get(var) or getattr(settings, _SECRET_VARS[var])
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(stored, indent=2))
-    tmp.chmod(0o600)
+    # 0600 from the first byte: write_text-then-chmod left the secrets readable
+    # by anyone (umask 022) for a moment, in a data dir others may traverse
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # a leftover tmp keeps its old mode otherwise
+        f.write(json.dumps(stored, indent=2))
     tmp.replace(path)
     return replace(
         settings,
