@@ -290,6 +290,41 @@ CASES: list[Case] = [
          "order_not_found", auth="other-buyer"),
     Case("order-cancel-no-token", "POST", "/api/v1/orders/{order}/cancel", 401, UNAUTH,
          auth=None),
+    # -- pay (buyer) -----------------------------------------------------------------
+    Case("pay-unknown-order", "POST", f"/api/v1/orders/{UNKNOWN_ORDER}/pay", 404,
+         "order_not_found"),
+    Case("pay-malformed-order", "POST", "/api/v1/orders/nope/pay", 404, "order_not_found"),
+    Case("pay-other-buyer", "POST", "/api/v1/orders/{order}/pay", 404, "order_not_found",
+         auth="other-buyer"),
+    Case("pay-no-token", "POST", "/api/v1/orders/{order}/pay", 401, UNAUTH, auth=None),
+    Case("pay-server-owned-amount", "POST", "/api/v1/orders/{order}/pay", 400, BAD,
+         _j({"amount_cents": 0}), auth="owner"),
+    Case("pay-json-array", "POST", "/api/v1/orders/{order}/pay", 400, BAD, b"[]",
+         auth="owner"),
+    Case("pay-malformed-json", "POST", "/api/v1/orders/{order}/pay", 400, BAD, b"{",
+         auth="owner"),
+    # -- gateway webhook (signed, no bearer) --------------------------------------------
+    Case("webhook-no-signature", "POST", "/api/v1/payments/webhook", 400, "invalid_signature",
+         _j({"event_id": "e1", "type": "payment.succeeded", "payment_id": "pay_x",
+             "order_id": "o", "amount_cents": 1}), auth=None),
+    Case("webhook-garbled-signature", "POST", "/api/v1/payments/webhook", 400,
+         "invalid_signature", b"{}", auth=None, headers={"Flashsale-Signature": "t=x,v1=zz"}),
+    Case("webhook-wrong-signature", "POST", "/api/v1/payments/webhook", 400,
+         "invalid_signature", b"{}", auth=None,
+         headers={"Flashsale-Signature": f"t={NOW},v1={'0' * 64}"}),
+    Case("webhook-stale-signature", "POST", "/api/v1/payments/webhook", 400,
+         "invalid_signature", b"{}", auth=None,
+         headers={"Flashsale-Signature": f"t={NOW - 301},v1={'0' * 64}"}),
+    Case("webhook-body-over-16k", "POST", "/api/v1/payments/webhook", 400, BAD,
+         b"{" + b" " * (17 * 1024) + b"}", auth=None),
+    # -- mock gateway settle (admin) --------------------------------------------------------
+    Case("settle-buyer-token", "POST", "/api/v1/admin/gateway/payments/pay_x/settle", 401,
+         UNAUTH, _j({"outcome": "succeeded"})),
+    Case("settle-unknown-payment", "POST",
+         f"/api/v1/admin/gateway/payments/pay_{'0' * 24}/settle", 404, "payment_not_found",
+         _j({"outcome": "succeeded"}), auth="admin"),
+    Case("settle-bad-outcome", "POST", f"/api/v1/admin/gateway/payments/pay_{'0' * 24}/settle",
+         400, BAD, _j({"outcome": "maybe"}), auth="admin"),
     # -- routing ------------------------------------------------------------------------
     Case("route-unknown", "GET", "/api/v1/nope", 404, "not_found", auth=None),
     Case("route-unknown-version", "GET", "/api/v2/sales/{sale}", 404, "not_found", auth=None),
@@ -320,8 +355,11 @@ async def _state(t: Table) -> dict[str, Any]:
     status, sale, _ = await t.api.request("GET", f"/api/v1/sales/{t.sale_id}")
     assert status == 200, sale
     counts = {}
-    for table in ("sales", "orders", "restocks", "releases"):
-        counts[table] = await b.pg.fetchval(f"SELECT count(*) FROM {table}")
+    tables = await b.pg.fetch(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY tablename"
+    )
+    for r in tables:  # every table of every migration
+        counts[r["tablename"]] = await b.pg.fetchval(f'SELECT count(*) FROM "{r["tablename"]}"')
     k = b.keys(t.sale_id)
     return {
         "sale": sale,
