@@ -704,13 +704,21 @@ def _order_paths() -> JSONObject:
                         "changes only through the gateway webhook.",
                         _schema("Payment"),
                     ),
+                    "400": _bad_request(
+                        "a body other than none or `{}` (amount, status and buyer are "
+                        "server-owned)"
+                    ),
                     "404": _order_not_found(),
                     "409": _error_response(
-                        "The order is not `pending` or `awaiting_payment`.",
+                        "The order is not `pending` or `awaiting_payment` (or its hold has "
+                        "expired).",
                         ["order_not_payable"],
                     ),
                     "503": _unavailable(),
                 },
+                description="Takes no body (or `{}`). When the payment gateway fails or its "
+                "circuit breaker is open the answer is 503 with `Retry-After`; retrying "
+                "returns the same `payment_id`.",
                 parameters=[order_id],
             )
         },

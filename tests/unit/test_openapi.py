@@ -46,7 +46,7 @@ EXPECTED_STATUSES: dict[str, set[str]] = {
     "createOrder": {"202", "400", "401", "404", "409", "422", "429", "503"},
     "getOrder": {"200", "401", "404"},
     "cancelOrder": {"200", "401", "404", "409"},
-    "payOrder": {"201", "401", "404", "409"},
+    "payOrder": {"201", "400", "401", "404", "409", "503"},
     "paymentWebhook": {"200", "400", "503"},
     "settlePayment": {"200", "400", "401", "404"},
     "healthz": {"200"},
@@ -73,6 +73,7 @@ EXPECTED_ERROR_CODES: dict[tuple[str, str], set[str]] = {
     ("cancelOrder", "409"): {"order_not_cancellable"},
     ("payOrder", "404"): {"order_not_found"},
     ("payOrder", "409"): {"order_not_payable"},
+    ("payOrder", "400"): {"invalid_request"},
     ("paymentWebhook", "400"): {"invalid_signature", "invalid_request"},
     ("settlePayment", "404"): {"payment_not_found"},
 }
