@@ -4,6 +4,7 @@ when a sale's waiting line is full (503 overloaded, nothing reserved)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -15,12 +16,15 @@ async def test_scalper_is_rate_limited_and_never_passes_the_limit(settings: Sett
     limited = replace(settings, rate_user_per_s=5.0, rate_user_burst=10.0)
     async with running_app(limited) as api:
         sid = (await api.create_sale(stock=1000, per_user_limit=3))["sale_id"]
+        started = time.monotonic()
         results = await asyncio.gather(
             *(api.reserve(sid, "scalper", 1, key=f"s-{i}") for i in range(200))
         )
+        refilled = 5.0 * (time.monotonic() - started)  # the bucket refills while they run
         codes = Counter(status for status, _ in results)
-        assert codes[202] == 3, codes
-        assert codes[202] + codes[409] <= 10 and codes[429] >= 190, codes
+        assert codes[202] == 3, codes  # the per-user limit, decided in Redis
+        admitted = codes[202] + codes[409]
+        assert admitted <= 10 + refilled and codes[429] == 200 - admitted, codes
         status, body, resp = await api.request(
             "POST", f"/api/v1/sales/{sid}/orders", json={}, headers=api.buyer("scalper")
         )
