@@ -1,0 +1,322 @@
+"""`make bench`: echo ceiling, naive PostgreSQL, flashsale reserve / sold-out / drain.
+
+One run on this machine, one load generator (wrk, see bench/wrk/reserve.lua)
+and one request shape for every system: POST .../orders on a single hot
+sale by random buyers (pre-minted JWTs), 64 connections, a warm-up that is
+discarded, then N measured runs per system (medians with min–max), each
+checked for correctness. Writes bench/results/latest.{md,json,png}.
+
+Servers: FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL when set, else embedded
+ones in a temporary directory. Always a fresh database and a unique Redis key
+prefix; both are removed at the end.
+
+    python -m bench.run              # the full bench (several minutes, CPU-heavy)
+    python -m bench.run --quick      # seconds: a smoke run, figures mean nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import uvloop
+from redis.asyncio import Redis
+
+from bench import loadgen, report
+from bench.drain import DrainResult, measure_drain
+from bench.lab import Lab, Options
+from bench.measure import SystemResult, measure
+from bench.targets import EchoTarget, FlashsaleTarget, NaivePgTarget
+from flashsale import auth, migrate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain")
+TOKEN_TTL_S = 6 * 3600
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny durations, 1 run, 1 worker, small pool")
+    p.add_argument("--runs", type=int, help="measured runs per system (default 3)")
+    p.add_argument("--duration", type=float, help="seconds per measured run (default 8)")
+    p.add_argument("--warmup", type=float, help="first warm-up seconds (default 6; 0 = none)")
+    p.add_argument("--warmup-max", type=float, default=90.0,
+                   help="warm-up goes on in 4 s chunks until the rate is stable and every "
+                        "worker's token cache is warm, up to this (default 90)")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    p.add_argument("--users", type=int, help="buyer pool size (default 50000)")
+    p.add_argument("--drain-orders", type=int, help="backlog of the drain test (default 100000)")
+    p.add_argument("--workers", default=None, help="flashsale/echo front processes (default 1,2)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {','.join(SYSTEMS)}")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                   help="auto: wrk; the built-in Python client only with --quick when wrk is "
+                        "missing")
+    p.add_argument("--pg-pool", type=int, default=16, help="naive baseline's asyncpg pool")
+    p.add_argument("--profile", action="store_true",
+                   help="after the measured runs, one extra run of each flashsale system "
+                        "under py-spy (summary in the output dir)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output directory")
+    return p
+
+
+def options(argv: list[str] | None) -> Options:
+    a = _parser().parse_args(argv)
+    quick = bool(a.quick)
+    loadgen_kind = a.loadgen
+    if loadgen_kind == "auto":
+        loadgen_kind = "wrk" if loadgen.have_wrk() else ("python" if quick else "missing")
+    if loadgen_kind == "missing" or (loadgen_kind == "wrk" and not loadgen.have_wrk()):
+        raise SystemExit(
+            "bench: wrk is not installed (run `bash bench/ensure-wrk.sh`, or "
+            "apt-get install wrk); only --quick may fall back to the Python client"
+        )
+    workers = a.workers or ("1" if quick else "1,2")
+    systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"bench: unknown system(s) {sorted(unknown)}; choose from {SYSTEMS}")
+    return Options(
+        quick=quick,
+        runs=a.runs or (1 if quick else 3),
+        duration_s=a.duration or (1.0 if quick else 8.0),
+        warmup_s=a.warmup if a.warmup is not None else (0.0 if quick else 6.0),
+        warmup_max_s=a.warmup_max,
+        connections=a.connections,
+        threads=a.threads,
+        users=a.users or (2_000 if quick else 50_000),
+        drain_orders=a.drain_orders or (2_000 if quick else 100_000),
+        workers=tuple(int(w) for w in workers.split(",")),
+        systems=systems,
+        loadgen=loadgen_kind,
+        profile=bool(a.profile),
+        out_dir=a.out.resolve(),
+        pg_pool=a.pg_pool,
+    )
+
+
+# ---------------------------------------------------------------------------
+# servers, database, buyers
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def servers(workdir: Path) -> Iterator[tuple[str, str, dict[str, list[int]]]]:
+    """(redis_url, admin DSN, pids of embedded servers) — given URLs or embedded servers."""
+    redis_url = os.environ.get("FLASHSALE_REDIS_URL") or None
+    database_url = os.environ.get("FLASHSALE_DATABASE_URL") or None
+    if redis_url and database_url:
+        yield redis_url, database_url, {}
+        return
+    from flashsale.embedded import EmbeddedServers
+
+    data = workdir / "servers"
+    data.mkdir(parents=True)
+    workdir.chmod(0o755)
+    data.chmod(0o755)
+    emb = EmbeddedServers(data, redis=redis_url is None, postgres=database_url is None)
+    emb.start()
+    try:
+        pids: dict[str, list[int]] = {}
+        if emb.redis_pid:
+            pids["redis"] = [emb.redis_pid]
+        if emb.postgres_pid:
+            pids["postgres"] = [emb.postgres_pid]
+        yield redis_url or emb.redis_url or "", database_url or emb.database_url or "", pids
+    finally:
+        emb.stop()
+
+
+def _with_database(dsn: str, name: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
+    name = "flashsale_bench_" + secrets.token_hex(4)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = _with_database(admin_dsn, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate.migrate(conn)
+    finally:
+        await conn.close()
+    try:
+        yield dsn
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+async def _drop_prefix(redis: Redis, prefix: str) -> None:
+    batch: list[Any] = []
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=5_000):
+        batch.append(key)
+        if len(batch) >= 5_000:
+            await redis.unlink(*batch)
+            batch.clear()
+    if batch:
+        await redis.unlink(*batch)
+
+
+def mint_tokens(secret: str, users: int, path: Path) -> list[str]:
+    tokens = [auth.mint(secret, f"buyer{i:06d}", TOKEN_TTL_S) for i in range(users)]
+    path.write_text("\n".join(tokens) + "\n")
+    return tokens
+
+
+async def _pg_settings(dsn: str) -> str:
+    conn = await asyncpg.connect(dsn)
+    try:
+        version = await conn.fetchval("SHOW server_version")
+        fsync = await conn.fetchval("SHOW fsync")
+        sync = await conn.fetchval("SHOW synchronous_commit")
+    finally:
+        await conn.close()
+    return f"PostgreSQL {version} (fsync={fsync}, synchronous_commit={sync})"
+
+
+def _machine() -> str:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores {model}, Python {platform.python_version()}"
+
+
+def _wrk_version() -> str:
+    wrk = shutil.which("wrk")
+    if not wrk:
+        return ""
+    out = subprocess.run([wrk, "--version"], capture_output=True, text=True, check=False)
+    words = (out.stdout or out.stderr or "wrk").split()
+    return " ".join(words[:2])
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+
+async def _systems(lab: Lab) -> tuple[list[SystemResult], DrainResult | None]:
+    opts = lab.opts
+    results: list[SystemResult] = []
+    w_label = {1: "1 worker", 2: "2 workers"}
+
+    def label(base: str, n: int) -> str:
+        return f"{base} ({w_label.get(n, f'{n} workers')})"
+
+    plan: list[tuple[str, Any, bool]] = []
+    if "echo" in opts.systems:
+        for n in opts.workers:
+            plan.append(("echo", EchoTarget(lab, f"echo_w{n}", label("echo ceiling", n), n), False))
+    if "naive_pg" in opts.systems:
+        plan.append(("naive_pg", NaivePgTarget(lab, "naive_pg", "naive PostgreSQL (1 worker)"),
+                     False))
+    if "reserve" in opts.systems:
+        for n in opts.workers:
+            t = FlashsaleTarget(lab, f"reserve_w{n}", label("flashsale reserve", n), n)
+            plan.append(("reserve", t, False))
+    if "soldout" in opts.systems:
+        for n in opts.workers:
+            t = FlashsaleTarget(lab, f"soldout_w{n}", label("flashsale sold-out", n), n)
+            plan.append(("soldout", t, True))
+    for kind, target, sold_out in plan:
+        print(f"== {target.label}", flush=True)
+        results.append(await measure(lab, target, kind, sold_out=sold_out))
+    drain = None
+    if "drain" in opts.systems:
+        print(f"== consumer drain (backlog {opts.drain_orders:,})", flush=True)
+        drain = await measure_drain(lab)
+    return results, drain
+
+
+async def bench(opts: Options) -> int:
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    workdir = Path(tempfile.mkdtemp(prefix="flashsale-bench-"))
+    try:
+        with servers(workdir) as (redis_url, admin_dsn, server_pids):
+            async with fresh_database(admin_dsn) as dsn:
+                return await _run(opts, workdir, redis_url, dsn, server_pids, started)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
+               server_pids: dict[str, list[int]], started: str) -> int:
+    jwt_secret = secrets.token_urlsafe(32)
+    tokens_file = workdir / "tokens.txt"
+    tokens = await asyncio.to_thread(mint_tokens, jwt_secret, opts.users, tokens_file)
+    prefix = "bench" + secrets.token_hex(4)
+    redis = Redis.from_url(redis_url)
+    try:
+        async with aiohttp.ClientSession() as http:
+            lab = Lab(
+                opts=opts, workdir=workdir, redis_url=redis_url, dsn=dsn,
+                server_pids=server_pids, prefix=prefix, jwt_secret=jwt_secret,
+                admin_token=secrets.token_urlsafe(24), webhook_secret=secrets.token_urlsafe(24),
+                tokens=tokens, tokens_file=tokens_file, http=http, redis=redis,
+            )
+            print(f"bench: {len(opts.systems)} system group(s), {opts.runs} run(s) × "
+                  f"{opts.duration_s:g} s, load generator {opts.loadgen}, servers "
+                  f"{'embedded' if server_pids else 'given'}", flush=True)
+            results, drain = await _systems(lab)
+            meta = {
+                "started": started, "machine": _machine(), "cores": os.cpu_count(),
+                "loadgen": opts.loadgen if opts.loadgen != "wrk" else _wrk_version(),
+                "threads": opts.threads, "connections": opts.connections, "runs": opts.runs,
+                "duration_s": opts.duration_s, "users": opts.users, "quick": opts.quick,
+                "warmup": (f"{opts.warmup_s:g} s, then 4 s chunks until the rate is within 5 % "
+                           "and each worker's JWT cache holds ~95 % of the buyers, at most "
+                           f"{opts.warmup_max_s:g} s") if opts.warmup_s > 0 else "none",
+                "postgres": await _pg_settings(dsn), "servers": "embedded" if server_pids
+                else "given", "drain_orders": opts.drain_orders,
+            }
+            md, js, png = report.write(results, drain, meta, opts.out_dir)
+    finally:
+        with contextlib.suppress(Exception):
+            await _drop_prefix(redis, prefix)
+        await redis.aclose()
+    print()
+    print(md.read_text())
+    print(f"wrote {md}, {js}, {png}")
+    failed = [r.label for r in results if not r.ok] + (
+        ["consumer drain"] if drain and not drain.ok else [])
+    if failed:
+        print(f"bench: CORRECTNESS FAILED for {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = options(argv)
+    return uvloop.run(bench(opts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
