@@ -199,6 +199,58 @@ class Services:
         return "\n".join(f"== {s.name}\n{s.log_tail()}" for s in self._all)
 
 
+class RedisServer:
+    """A dedicated redis-server child (never the machine's shared one): no
+    persistence, so a restart comes back empty, as after losing its data."""
+
+    def __init__(self, data_dir: Path) -> None:
+        from flashsale.embedded import find_redis_server, free_port
+
+        self.binary = find_redis_server()
+        self.dir = data_dir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with (self.dir / "redis.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+                 "--daemonize", "no"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not start on port {self.port}")
+            time.sleep(0.02)
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart_empty(self) -> None:
+        """kill -9 and start again on the same port, with no data."""
+        self.kill9()
+        self.start()
+        self.restarts += 1
+
+
 async def run_cli(env: Mapping[str, str], *args: str, timeout_s: float = 60.0) -> tuple[int, str]:
     """``python -m flashsale ARGS`` to completion: (exit status, stdout)."""
     proc = await asyncio.create_subprocess_exec(
