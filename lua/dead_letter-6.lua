@@ -50,5 +50,8 @@ end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'entry', ARGV[2], 'o', order_id,
   'q', ARGV[4], 'reason', ARGV[5], 'raw', ARGV[6])
 redis.call('XDEL', KEYS[5], ARGV[2])
-if live then redis.call('HINCRBY', KEYS[1], 'pending', -tonumber(ARGV[4])) end
+-- an unreadable entry counts 0: never pass -0, which HINCRBY refuses (the
+-- script would fail after its writes, uncounted, and stall the batch)
+local qty = tonumber(ARGV[4])
+if live and qty > 0 then redis.call('HINCRBY', KEYS[1], 'pending', -qty) end
 return {1, released}
