@@ -11,6 +11,8 @@ Put it between a process and Redis or PostgreSQL (rewrite the URL with
         proxy.drop_reply_once()      # the next reply is lost after the request went through
         proxy.blackhole()            # links stay open, nothing passes (timeouts)
         proxy.reset()                # reset live links, keep accepting
+        proxy.swallow_replies()      # requests go through, replies vanish (clients time out)
+        proxy.swallow_replies(False) # ... then the links that lost a reply are reset
 
 Directions: ``"up"`` is client → server (requests), ``"down"`` is server →
 client (replies). Data is forwarded chunk by chunk in order; a delay shifts
@@ -48,6 +50,7 @@ class ProxyStats:
     bytes_up: int = 0
     bytes_down: int = 0
     replies_dropped: int = 0
+    replies_swallowed: int = 0  # reply chunks discarded by swallow_replies() (link kept open)
 
 
 class _Link:
@@ -88,6 +91,8 @@ class TcpProxy:
         self._blackhole = False
         self._delay_s: dict[str, float] = {"up": 0.0, "down": 0.0}
         self._drop_replies = 0
+        self._swallow = False
+        self._swallowed: set[_Link] = set()
         self.stats = ProxyStats()
 
     # -- lifecycle ----------------------------------------------------------
@@ -170,6 +175,18 @@ class TcpProxy:
         """The next ``count`` replies (server → client chunks) are discarded and
         their connection reset: the server did the work, the client never hears."""
         self._drop_replies += count
+
+    def swallow_replies(self, on: bool = True) -> None:
+        """While on, requests still reach the server (it does the work) but every
+        reply is discarded and the link stays open: clients time out. Turning it
+        off resets every link that lost a reply (its byte stream is broken)."""
+        self._swallow = on
+        if not on:
+            for link in list(self._swallowed):
+                if not link.closed:
+                    self.stats.reset += 1
+                link.abort()
+            self._swallowed.clear()
 
     def blackhole(self, on: bool = True) -> None:
         """Keep connections open but pass nothing either way (clients time out)."""
@@ -266,6 +283,10 @@ class TcpProxy:
             if link.closed:
                 break
             if self._blackhole:
+                continue
+            if direction == "down" and self._swallow:
+                self.stats.replies_swallowed += 1
+                self._swallowed.add(link)
                 continue
             if direction == "down" and self._drop_replies > 0:
                 self._drop_replies -= 1
