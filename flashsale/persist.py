@@ -293,7 +293,10 @@ class Persister:
         self, key: str, items: list[tuple[str, str, dict[bytes, bytes]]]
     ) -> list[tuple[str, str, dict[bytes, bytes]]]:
         """Reclaimed entries delivered more than max_deliveries times (consumers
-        kept dying on them) go to the dead-letter stream; the rest are returned."""
+        kept dying while they held them) are tried once more, each ALONE: a
+        consumer's crash counts against every entry of its batch, so most of
+        them are innocent. One that fails alone, or is past twice the bound,
+        goes to the dead-letter stream. The rest are returned."""
         s = self._b.settings
         info: Any = await self._b.redis.xpending_range(
             key, s.consumer_group, min=items[0][1], max=items[-1][1], count=len(items),
@@ -301,12 +304,18 @@ class Persister:
         times = {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
         keep = []
         for item in items:
-            if times.get(item[1], 0) > s.consumer_max_deliveries:
+            delivered = times.get(item[1], 0)
+            if delivered > s.consumer_max_deliveries:
                 entry: Entry | None
                 try:
                     entry = Entry.parse(self._streams[key], item[1], item[2])
                 except PoisonEntry:
                     entry = None
+                if (
+                    entry is not None and delivered <= 2 * s.consumer_max_deliveries
+                    and await self._persist_alone(entry)
+                ):
+                    continue  # persisted (or found persisted) and acked
                 if entry is not None and not await self._tombstone(entry):
                     keep.append(item)  # committed before its consumer died: ack it as persisted
                     continue
@@ -316,6 +325,19 @@ class Persister:
             else:
                 keep.append(item)
         return keep
+
+    async def _persist_alone(self, e: Entry) -> bool:
+        """Persist one entry in its own transaction and ack it; False when
+        PostgreSQL refuses it (connection failures raise: retry later)."""
+        try:
+            async with self._b.pg.acquire() as conn:
+                failed = await persist_batch(conn, [e], self.name)
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+                raise
+            return False
+        await self._after_commit([e], failed)
+        return True
 
     async def _tombstone(self, e: Entry) -> bool:
         """Before an exhausted entry is dead-lettered, record its order as failed

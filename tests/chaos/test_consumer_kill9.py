@@ -29,6 +29,7 @@ from flashsale.backends import Backends
 from flashsale.config import Settings
 from flashsale.metrics import Metrics
 from flashsale.persist import Entry, Persister, persist_batch
+from flashsale.reserve import Reserver
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import (
     HOLDING,
@@ -232,9 +233,9 @@ async def test_exhausted_entry_dead_lettered_once_across_a_crash(
         got: Any = await direct.redis.xreadgroup(s.consumer_group, "ghost", {k.stream: ">"})
         (eid, fields), = got[0][1]
         entry = Entry.parse(sid, eid.decode(), fields)
-        await direct.redis.xclaim(
+        await direct.redis.xclaim(  # past twice the bound: no more tries, dead-letter it
             k.stream, s.consumer_group, "ghost", 0, [eid], idle=60_000,
-            retrycount=s.consumer_max_deliveries + 1,
+            retrycount=2 * s.consumer_max_deliveries + 1,
         )
         dying = Persister(direct, Metrics(), name="dying")
         assert await dying._tombstone(entry) is True  # ... and the process dies here
@@ -245,4 +246,36 @@ async def test_exhausted_entry_dead_lettered_once_across_a_crash(
     assert a.dead_lettered == [entry.order_id]
     assert a.drained and a.holds == 0
     assert a.available == 10
+    assert a.ledger["consistent"] is True, a.ledger
+
+
+async def test_exhausted_entries_of_crashed_consumers_are_persisted_alone(
+    chaos_settings: Settings, direct: Backends, figures: Figures
+) -> None:
+    """A crash counts a delivery against every entry the dead consumer held.
+    Entries past ``consumer_max_deliveries`` that persist fine on their own are
+    persisted (each alone), not failed; an entry that cannot be written is
+    dead-lettered with its hold returned, and does not take the others along."""
+    s = chaos_settings
+    async with running_app(s) as api:
+        sid = (await api.create_sale(stock=10, per_user_limit=5))["sale_id"]
+        good = []
+        for i in range(4):
+            status, body = await api.reserve(sid, f"buyer-{i}", 1, key=f"k-{i}")
+            assert status == 202, body
+            good.append(body["order_id"])
+        bad = await Reserver(direct).reserve(sid, "x" * 65, 1, "bad")  # CHECK refuses it
+        k = direct.keys(sid)
+        got: Any = await direct.redis.xreadgroup(s.consumer_group, "crashed", {k.stream: ">"})
+        ids = [eid for eid, _f in got[0][1]]
+        await direct.redis.xclaim(
+            k.stream, s.consumer_group, "crashed", 0, ids, idle=60_000,
+            retrycount=s.consumer_max_deliveries + 1,
+        )
+        await Persister(direct, Metrics(), name="next").step()
+        a = await audit(direct, sid)
+    figures.update(rows=a.status_counts(), dead_lettered=a.dead_lettered, ledger=a.ledger)
+    assert a.rows == {o: ("awaiting_payment", 1) for o in good}
+    assert a.dead_lettered == [bad.order_id]
+    assert a.drained and a.available == 6
     assert a.ledger["consistent"] is True, a.ledger
