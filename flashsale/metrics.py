@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -42,6 +44,22 @@ class Metrics:
         self.releases = Counter(
             "flashsale_releases", "Holds released by reason", ["reason"], registry=r
         )
+
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def _child(self, metric: Counter, label: str) -> Any:
+        """labels() does a lookup under a lock on every call; bind children once."""
+        key = (metric._name, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
+
+    def count_reservation(self, outcome: str) -> None:
+        self._child(self.reservations, outcome).inc()
+
+    def count_response(self, status: int) -> None:
+        self._child(self.http_requests, f"{status // 100}xx").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -199,10 +199,10 @@ class Reserver:
             else:
                 keys.append(k.idempotency(item.user_id, item.idempotency_key))
                 has_key, key_text = "1", item.idempotency_key
-            args += [
-                item.order_id, item.user_id, item.quantity, has_key,
-                fingerprint(sale_id, item.quantity), key_text,
-            ]
+            args.append(
+                f"{item.order_id}\x1f{item.user_id}\x1f{item.quantity}\x1f{has_key}\x1f"
+                f"{fingerprint(sale_id, item.quantity)}\x1f{key_text}"
+            )
         result: list[Any] = await b.scripts.reserve_batch(keys=keys, args=args)
         return result
 

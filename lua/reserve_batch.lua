@@ -19,8 +19,11 @@ KEYS[5+i]  idempotency record of item i (a string key with a TTL); when the
 ARGV[1]    now_ms         the front's clock (UTC ms)
 ARGV[2]    idem_ttl_s     how long a decided outcome is remembered
 ARGV[3]    n              number of items
-ARGV[4+6(i-1) ..]         per item: order_id, user_id, qty, has_key ("0"/"1"),
-                          fingerprint (sale and body), idempotency key text
+ARGV[3+i]  item i, its fields joined by "\31" (unit separator, which no field
+           may contain: ids and keys are printable, user ids have no control
+           characters): order_id, user_id, qty, has_key ("0"/"1"),
+           fingerprint (sale and body), idempotency key text
+           (one argument per item: the client packs 6x fewer arguments)
 
 Returns a flat array, two entries per item:  code, detail
    0  accepted            detail = "<order_id>\t<qty>\t<amount>\t<expires_ms>"
@@ -65,14 +68,27 @@ local ends_ms = tonumber(f[5])
 local hold_ms = tonumber(f[6])
 local active = now_ms >= starts_ms and (ends_ms == 0 or now_ms < ends_ms)
 
+local function fields(packed)
+  local out, at = {}, 1
+  while true do
+    local sep = string.find(packed, '\31', at, true)
+    if not sep then
+      out[#out + 1] = string.sub(packed, at)
+      return out
+    end
+    out[#out + 1] = string.sub(packed, at, sep - 1)
+    at = sep + 1
+  end
+end
+
 for i = 1, n do
-  local base = 3 + 6 * (i - 1)
-  local order_id = ARGV[base + 1]
-  local user = ARGV[base + 2]
-  local qty = tonumber(ARGV[base + 3])
-  local has_key = ARGV[base + 4] == '1'
-  local fp = ARGV[base + 5]
-  local idem_text = ARGV[base + 6]
+  local item = fields(ARGV[3 + i])
+  local order_id = item[1]
+  local user = item[2]
+  local qty = tonumber(item[3])
+  local has_key = item[4] == '1'
+  local fp = item[5]
+  local idem_text = item[6]
   local idem_key = KEYS[5 + i]
   local code, detail = 0, ''
 

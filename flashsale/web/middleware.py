@@ -83,5 +83,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         resp = error_response(500, "internal_error", "internal error", None)
-    request.app[METRICS].http_requests.labels(f"{resp.status // 100}xx").inc()
+    request.app[METRICS].count_response(resp.status)
     return resp

@@ -94,7 +94,7 @@ async def create_order(request: web.Request) -> web.Response:
         outcome = exc.code
         raise
     finally:
-        metrics.reservations.labels(outcome).inc()
+        metrics.count_reservation(outcome)
         metrics.reserve_latency.observe(time.perf_counter() - started)
 
 

@@ -28,7 +28,9 @@ async def reserve(b: Backends, k: SaleKeys, items: list[tuple[str, str, int, str
     args: list[Any] = [now_ms, 3600, len(items)]
     for order_id, user, qty, key in items:
         keys.append(k.idempotency(user, key) if key else k.sale)
-        args += [order_id, user, qty, "1" if key else "0", fingerprint(k.sale_id, qty), key or ""]
+        fp = fingerprint(k.sale_id, qty)
+        fields = [order_id, user, str(qty), "1" if key else "0", fp, key or ""]
+        args.append("\x1f".join(fields))
     raw = await b.scripts.reserve_batch(keys=keys, args=args)
     return [(int(raw[i]), raw[i + 1].decode()) for i in range(0, len(raw), 2)]
 
