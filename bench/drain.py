@@ -51,6 +51,7 @@ class DrainRun:
 @dataclass
 class DrainResult:
     runs: list[DrainRun] = field(default_factory=list)
+    error: str | None = None
 
     def stat(self) -> tuple[float, float, float]:
         v = [r.steady_rows_per_s for r in self.runs]
@@ -58,12 +59,12 @@ class DrainResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.check.ok for r in self.runs)
+        return self.error is None and all(r.check.ok for r in self.runs)
 
     def as_dict(self) -> dict[str, Any]:
         med, lo, hi = self.stat()
         return {"rows_per_s": {"median": med, "min": lo, "max": hi}, "correct": self.ok,
-                "runs": [r.as_dict() for r in self.runs]}
+                "error": self.error, "runs": [r.as_dict() for r in self.runs]}
 
 
 def _settings(lab: Lab) -> Settings:
@@ -110,6 +111,9 @@ async def _drain_one(lab: Lab, b: Backends, run: int) -> DrainRun:
     consumer = procs.start(
         f"drain-consumer-{run}", procs.python_module("flashsale", "consume"), env, lab.logs
     )
+    spy = await _start_profile(lab, consumer.pid) if run == lab.opts.runs - 1 else None
+    whole = procs.CpuMeter({"consumer": [consumer.pid]})
+    whole.begin()
     meter = procs.CpuMeter({"consumer": [consumer.pid], **lab.server_pids})
     meter.begin()  # again at the first ack: the cores are those of the steady drain
     first_t: float | None = None
@@ -128,8 +132,11 @@ async def _drain_one(lab: Lab, b: Backends, run: int) -> DrainRun:
             await asyncio.sleep(POLL_S)
         end = time.monotonic()
         cpu = meter.end()
+        lifetime_cpu = whole.end()["consumer"]
     finally:
         await asyncio.to_thread(consumer.stop)
+    if spy is not None:
+        await _finish_profile(lab, spy, backlog, lifetime_cpu)
     first_t = first_t or end
     steady_s = max(1e-6, end - first_t)
     steady = first_left / steady_s if first_left else backlog / max(1e-6, end - spawned)
@@ -142,6 +149,40 @@ async def _drain_one(lab: Lab, b: Backends, run: int) -> DrainRun:
         backlog_build_s=round(built, 2),
         cpu_cores=_cores(cpu, busy), check=check,
     )
+
+
+async def _start_profile(lab: Lab, pid: int) -> asyncio.subprocess.Process | None:
+    """py-spy on the consumer for the whole drain (it stops when the consumer exits)."""
+    from bench.measure import py_spy
+
+    spy = py_spy()
+    if not lab.opts.profile or spy is None:
+        return None
+    raw = lab.opts.out_dir / "profile-drain-0.raw"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    return await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(pid), "--rate", "200", "--nonblocking", "--format", "raw",
+        "--output", str(raw), stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def _finish_profile(
+    lab: Lab, spy: asyncio.subprocess.Process, rows: int, consumer_cpu_s: float
+) -> None:
+    from bench.loadgen import LoadResult
+    from bench.measure import summarize_profiles
+
+    try:
+        await asyncio.wait_for(spy.wait(), 30)
+    except TimeoutError:
+        spy.kill()
+        return
+    raw = lab.opts.out_dir / "profile-drain-0.raw"
+    fake = LoadResult("drain", rows, 1.0, float(rows), 0, 0, 0, 0, 0, {}, 0, 0.0)
+    us = consumer_cpu_s / rows * 1e6 if rows else 0.0
+    text = summarize_profiles([raw], fake, us, "consumer drain, start-up included (per row)")
+    (lab.opts.out_dir / "profile-drain.txt").write_text(text)
 
 
 def _cores(cpu: dict[str, float], wall_s: float) -> dict[str, float]:
@@ -169,6 +210,15 @@ async def _check(b: Backends, sale_id: str, accepted: int) -> Check:
 
 async def measure_drain(lab: Lab) -> DrainResult:
     result = DrainResult()
+    try:
+        await _measure(lab, result)
+    except Exception as exc:  # keep the other systems' figures
+        result.error = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"  consumer drain: FAILED: {result.error}", flush=True)
+    return result
+
+
+async def _measure(lab: Lab, result: DrainResult) -> None:
     async with open_backends(_settings(lab)) as b:
         for i in range(lab.opts.runs):
             run = await _drain_one(lab, b, i)
@@ -182,4 +232,3 @@ async def measure_drain(lab: Lab) -> DrainResult:
                 f"  {'':<28}        cpu cores: {cores}",
                 flush=True,
             )
-    return result

@@ -24,7 +24,7 @@ from typing import Any
 from bench import procs
 from bench.lab import Lab
 from bench.loadgen import LoadResult
-from bench.targets import Check, Target
+from bench.targets import Check, NaivePgTarget, Target
 
 STOCK_SHARE = 0.9  # of the requests a run is expected to send
 POOL_SHARE = 0.8  # of the buyer pool (per-user limit 1: one order per buyer)
@@ -81,6 +81,7 @@ class SystemResult:
     warmup_rps: float = 0.0
     cache_coverage: float = 0.0  # estimated share of the buyer pool in each worker's JWT cache
     profile: str | None = None
+    error: str | None = None
 
     def stat(self, pick: str) -> tuple[float, float, float]:
         values = [float(getattr(r.load, pick)) for r in self.runs]
@@ -90,7 +91,22 @@ class SystemResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.check.ok for r in self.runs)
+        return self.error is None and all(r.check.ok for r in self.runs)
+
+    def all_us_per_request(self) -> float:
+        """Median CPU µs per request of every process of the system and the load generator."""
+        v = [(sum(c for k, c in r.cpu_s.items() if k != "_machine") + r.load.loadgen_cpu_s)
+             / r.load.requests * 1e6 for r in self.runs if r.load.requests]
+        return round(statistics.median(v), 1) if v else 0.0
+
+    def estimated_rps(self, cores: int) -> float:
+        """Throughput the CPU cost per request allows on this machine with nothing else on
+        it: one worker is bound by its own core, and everything by all the cores."""
+        front, total = self.front_us_per_request(), self.all_us_per_request()
+        if not front or not total:
+            return 0.0
+        bound = cores * 1e6 / total
+        return round(min(bound, self.workers * 1e6 / front), 1)
 
     def statuses(self) -> Counter[str]:
         total: Counter[str] = Counter()
@@ -121,6 +137,7 @@ class SystemResult:
             "correct": self.ok, "warmup_s": round(self.warmup_s, 1),
             "warmup_rps": round(self.warmup_rps, 1), "profile": self.profile,
             "token_cache_coverage_after_warmup": self.cache_coverage,
+            "error": self.error, "all_cpu_us_per_request": self.all_us_per_request(),
             "runs": [r.as_dict() for r in self.runs],
         }
 
@@ -161,7 +178,9 @@ async def _warmup(lab: Lab, target: Target, sale_id: str) -> tuple[float, float,
         return 0.0, 0.0, 0
     res = await lab.load(url, lab.opts.warmup_s, f"{target.key}w")
     spent, requests, rate = res.duration_s, res.requests, res.rps
-    needed = lab.opts.users * cache_passes(target.workers)
+    # the naive baseline is bound by PostgreSQL's row lock, not by token checks: no passes
+    needed = 0 if isinstance(target, NaivePgTarget) else (
+        lab.opts.users * cache_passes(target.workers))
     stable = False
     while not lab.opts.quick and spent + WARM_CHUNK_S <= lab.opts.warmup_max_s:
         if stable and requests >= needed:
@@ -198,29 +217,40 @@ async def _redis_used_mb(lab: Lab) -> float | None:
 async def measure(lab: Lab, target: Target, kind: str, *, sold_out: bool = False) -> SystemResult:
     """Warm up, then ``runs`` measured runs, each on a fresh sale and checked."""
     result = SystemResult(target.key, target.label, kind, target.workers)
-    await target.start()
     try:
-        warm = await target.new_sale(0 if sold_out else WARM_STOCK)
-        result.warmup_s, result.warmup_rps, warm_requests = await _warmup(lab, target, warm)
-        result.cache_coverage = round(
-            cache_coverage(target.workers, warm_requests, lab.opts.users), 3)
-        await target.settle()
-        rate = result.warmup_rps
-        for i in range(lab.opts.runs):
-            run = await _one_run(lab, target, rate, sold_out, i)
-            result.runs.append(run)
-            rate = run.load.rps
-            print(_line(result, run, i), flush=True)
-        spy = py_spy()
-        if lab.opts.profile and kind == "naive_pg":
-            pass  # its time goes to PostgreSQL's row lock, not to Python
-        elif lab.opts.profile and spy:
-            result.profile = await profile(lab, target, rate, sold_out, spy)
-        elif lab.opts.profile:
-            print("  (py-spy not found: pip install py-spy to profile)", flush=True)
+        await _measure(lab, target, result, sold_out)
+    except Exception as exc:  # one system failing must not lose the others' figures
+        result.error = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"  {target.label}: FAILED: {result.error}", flush=True)
     finally:
         await target.stop()
     return result
+
+
+async def _measure(lab: Lab, target: Target, result: SystemResult, sold_out: bool) -> None:
+    kind = result.kind
+    await target.start()
+    warm = await target.new_sale(0 if sold_out else WARM_STOCK)
+    result.warmup_s, result.warmup_rps, warm_requests = await _warmup(lab, target, warm)
+    result.cache_coverage = round(
+        cache_coverage(target.workers, warm_requests, lab.opts.users), 3)
+    await target.settle()
+    rate = result.warmup_rps
+    for i in range(lab.opts.runs):
+        run = await _one_run(lab, target, rate, sold_out, i)
+        result.runs.append(run)
+        rate = run.load.rps
+        print(_line(result, run, i), flush=True)
+    spy = py_spy()
+    if lab.opts.profile and kind == "naive_pg":
+        pass  # its time goes to PostgreSQL's row lock, not to Python
+    elif lab.opts.profile and spy:
+        try:
+            result.profile = await profile(lab, target, rate, sold_out, spy)
+        except (OSError, RuntimeError) as exc:  # a profile is extra: never lose the run
+            print(f"  (profile of {target.label} failed: {exc!r})", flush=True)
+    elif lab.opts.profile:
+        print("  (py-spy not found: pip install py-spy to profile)", flush=True)
 
 
 async def _one_run(lab: Lab, target: Target, rate: float, sold_out: bool, i: int) -> RunResult:
@@ -269,6 +299,7 @@ async def profile(lab: Lab, target: Target, rate: float, sold_out: bool, spy: st
     stock = 0 if sold_out else _stock_for(lab, rate)
     sale_id = await target.new_sale(stock)
     out = lab.opts.out_dir / f"profile-{target.key}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     duration = max(2, round(lab.opts.duration_s))
     spies = []
     for n, pid in enumerate(target.worker_pids()):

@@ -258,6 +258,7 @@ async def _systems(lab: Lab) -> tuple[list[SystemResult], DrainResult | None]:
 
 async def bench(opts: Options) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="flashsale-bench-"))
     try:
         with servers(workdir) as (redis_url, admin_dsn, server_pids):
@@ -306,7 +307,7 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
     print(md.read_text())
     print(f"wrote {md}, {js}, {png}")
     failed = [r.label for r in results if not r.ok] + (
-        ["consumer drain"] if drain and not drain.ok else [])
+        ["consumer drain"] if drain and not drain.ok else [])  # incorrect, or an error
     if failed:
         print(f"bench: CORRECTNESS FAILED for {', '.join(failed)}", file=sys.stderr)
         return 1
