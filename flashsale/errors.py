@@ -91,6 +91,12 @@ class OrderNotPayable(FlashsaleError):
     status, code = 409, "order_not_payable"
 
 
+class StockLimitExceeded(FlashsaleError):
+    """The sale's total stock would pass the maximum."""
+
+    status, code = 409, "stock_limit_exceeded"
+
+
 class IdempotencyKeyReused(FlashsaleError):
     """This idempotency key was used with a different request."""
 

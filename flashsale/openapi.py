@@ -63,7 +63,8 @@ BUYER_SCHEME: Final = "buyerJWT"
 ADMIN_SCHEME: Final = "adminToken"
 JSON_MEDIA: Final = "application/json"
 BODY_LIMIT_NOTE: Final = f"The raw body may be at most {MAX_BODY_BYTES // 1024} KiB " + (
-    f"({MAX_BODY_BYTES} bytes); larger bodies get 400 `invalid_request`."
+    f"({MAX_BODY_BYTES} bytes); larger bodies get 400 `invalid_request`. Integers must be "
+    "written as JSON integers (`2`; `2.0` is 400 `invalid_request`)."
 )
 
 _SECURITY: Final[Mapping[Auth, list[dict[str, list[str]]]]] = {
@@ -304,9 +305,14 @@ def _schemas() -> JSONObject:
                     default=DEFAULT_PER_USER_LIMIT,
                     description="Max quantity one buyer may hold across accepted orders.",
                 ),
-                "starts_at": _timestamp(description="ISO-8601 UTC; defaults to now."),
+                "starts_at": _timestamp(
+                    description="ISO-8601 UTC (years 2000–9000); defaults to now."
+                ),
                 "ends_at": _timestamp(
-                    nullable=True, default=None, description="ISO-8601 UTC, or null: no end."
+                    nullable=True,
+                    default=None,
+                    description="ISO-8601 UTC after `starts_at` (years 2000–9000), or null: "
+                    "no end.",
                 ),
                 "hold_seconds": _integer(
                     1,
@@ -389,7 +395,17 @@ def _schemas() -> JSONObject:
                 "consistent": {
                     "type": "boolean",
                     "description": "stock == available + pending + awaiting_payment + paid + "
-                    "shipped, and every figure is >= 0.",
+                    "shipped, every figure is >= 0, the sale is in Redis and `sold` == "
+                    "awaiting_payment + paid + shipped.",
+                },
+                "sold": _integer(
+                    description="PostgreSQL's deducted quantity (awaiting_payment + paid + "
+                    "shipped when consistent)."
+                ),
+                "in_redis": {
+                    "type": "boolean",
+                    "description": "The sale's counters are in Redis (false while Redis lost "
+                    "them and they are being rebuilt; `available` and `pending` then read 0).",
                 },
             },
             description="Per-sale stock reconciliation.",
@@ -582,11 +598,12 @@ def _sale_paths() -> JSONObject:
                 "admin",
                 {
                     "200": _response("The sale after the restock.", _schema("Sale")),
-                    "400": _bad_request(
-                        "malformed JSON, quantity out of bounds, unknown fields, or total stock "
-                        f"would exceed {MAX_STOCK}"
-                    ),
+                    "400": _bad_request("malformed JSON, quantity out of bounds, unknown fields"),
                     "404": _sale_not_found(),
+                    "409": _error_response(
+                        f"The sale's total stock would exceed {MAX_STOCK}; nothing changed.",
+                        ["stock_limit_exceeded"],
+                    ),
                     "503": _unavailable(),
                 },
                 parameters=[sale_id],
@@ -703,6 +720,15 @@ def _order_paths() -> JSONObject:
                         "Payment requested (same `payment_id` on repeat); the order's status "
                         "changes only through the gateway webhook.",
                         _schema("Payment"),
+                        links=_links(
+                            "payment_id",
+                            {
+                                "SettlePayment": (
+                                    "settlePayment",
+                                    "Settle the payment through the mock gateway.",
+                                )
+                            },
+                        ),
                     ),
                     "400": _bad_request(
                         "a body other than none or `{}` (amount, status and buyer are "

@@ -160,7 +160,7 @@ async def restock(b: Backends, sale_id: str, quantity: int) -> dict[str, Any]:
             exists = await conn.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id)
             if not exists:
                 raise errors.SaleNotFound()
-            raise errors.InvalidRequest(f"stock may not exceed {STOCK_MAX}")
+            raise errors.StockLimitExceeded(f"stock may not exceed {STOCK_MAX}")
         restock_id = await conn.fetchval(
             "INSERT INTO restocks (sale_id, quantity) VALUES ($1, $2) RETURNING restock_id",
             sale_id, quantity,

@@ -486,6 +486,8 @@ EXACT_FIELDS: dict[str, set[str]] = {
         "expired",
         "failed",
         "consistent",
+        "sold",
+        "in_redis",
     },
 }
 
@@ -559,8 +561,8 @@ def test_sample_responses_validate(doc: JSONObject) -> None:
         "Payment",
         {"payment_id": "p", "order_id": "o_1", "amount_cents": 1, "status": "requires_payment"},
     )
-    ledger: JSONObject = dict.fromkeys(EXACT_FIELDS["Ledger"] - {"consistent"}, 0)
-    _check(doc, "Ledger", {**ledger, "available": -1, "consistent": False})
+    ledger: JSONObject = dict.fromkeys(EXACT_FIELDS["Ledger"] - {"consistent", "in_redis"}, 0)
+    _check(doc, "Ledger", {**ledger, "available": -1, "consistent": False, "in_redis": True})
     _check(doc, "Health", {"status": "ok"})
     _check(doc, "Readiness", {"status": "unavailable", "checks": {"redis": "down"}})
 
