@@ -30,6 +30,7 @@ log = logging.getLogger("flashsale.persist")
 DLQ_MAXLEN = 100_000
 SALES_REFRESH_S = 1.0
 CLAIM_INTERVAL_S = 1.0
+RECLAIM_CHUNK = 50  # entries claimed at a time (see Persister._reclaim)
 BACKOFF_MAX_S = 2.0
 ATTEMPTS_TRACKED_MAX = 100_000
 
@@ -268,75 +269,99 @@ class Persister:
         return resp
 
     async def _reclaim(self) -> int:
+        """Claim entries idle past the bound (their consumer died), a chunk at a
+        time: a crash counts a delivery against every entry its consumer held,
+        so small chunks keep that count honest and let work progress even when
+        consumers keep dying."""
         s = self._b.settings
+        chunk = min(s.consumer_batch_max, RECLAIM_CHUNK)
         handled = 0
         for key in list(self._streams):
-            cursor = self._claim_cursor.get(key, "0-0")
-            try:
-                res: Any = await self._b.redis.xautoclaim(
-                    key, s.consumer_group, self.name, s.consumer_claim_idle_ms,
-                    start_id=cursor, count=s.consumer_batch_max,
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                continue
-            self._claim_cursor[key] = res[0].decode() if isinstance(res[0], bytes) else res[0]
-            items = [(key, eid.decode(), f) for eid, f in res[1] if f]
-            if items:
-                self._m.consumer_reclaimed.inc(len(items))
-                items = await self._dead_letter_exhausted(key, items)
-                handled += await self.handle(items)
+            claimed = 0
+            while claimed < s.consumer_batch_max:
+                cursor = self._claim_cursor.get(key, "0-0")
+                try:
+                    res: Any = await self._b.redis.xautoclaim(
+                        key, s.consumer_group, self.name, s.consumer_claim_idle_ms,
+                        start_id=cursor, count=chunk,
+                    )
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    break
+                self._claim_cursor[key] = _text(res[0])
+                claimed += len(res[1])
+                items = [(key, eid.decode(), f) for eid, f in res[1] if f]
+                if items:
+                    self._m.consumer_reclaimed.inc(len(items))
+                    items = await self._dead_letter_exhausted(key, items)
+                    handled += await self.handle(items)
+                if self._claim_cursor[key] == "0-0" or not res[1]:
+                    break
         return handled
 
     async def _dead_letter_exhausted(
         self, key: str, items: list[tuple[str, str, dict[bytes, bytes]]]
     ) -> list[tuple[str, str, dict[bytes, bytes]]]:
         """Reclaimed entries delivered more than max_deliveries times (consumers
-        kept dying while they held them) are tried once more, each ALONE: a
-        consumer's crash counts against every entry of its batch, so most of
-        them are innocent. One that fails alone, or is past twice the bound,
-        goes to the dead-letter stream. The rest are returned."""
+        kept dying while they held them) are tried once more, together, then
+        each alone: a consumer's crash counts against every entry it held, so
+        most of them are innocent. One that PostgreSQL refuses alone, or past
+        twice the bound, goes to the dead-letter stream. The rest are returned."""
         s = self._b.settings
         info: Any = await self._b.redis.xpending_range(
             key, s.consumer_group, min=items[0][1], max=items[-1][1], count=len(items),
         )
         times = {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+        bound = s.consumer_max_deliveries
         keep = []
+        retry: list[tuple[tuple[str, str, dict[bytes, bytes]], Entry]] = []
+        dead: list[tuple[tuple[str, str, dict[bytes, bytes]], Entry | None]] = []
         for item in items:
             delivered = times.get(item[1], 0)
-            if delivered > s.consumer_max_deliveries:
-                entry: Entry | None
-                try:
-                    entry = Entry.parse(self._streams[key], item[1], item[2])
-                except PoisonEntry:
-                    entry = None
-                if (
-                    entry is not None and delivered <= 2 * s.consumer_max_deliveries
-                    and await self._persist_alone(entry)
-                ):
-                    continue  # persisted (or found persisted) and acked
-                if entry is not None and not await self._tombstone(entry):
-                    keep.append(item)  # committed before its consumer died: ack it as persisted
-                    continue
-                await self._dead_letter(
-                    self._streams[key], item[1], entry, "delivered too many times", item[2]
-                )
-            else:
+            if delivered <= bound:
                 keep.append(item)
+                continue
+            entry: Entry | None
+            try:
+                entry = Entry.parse(self._streams[key], item[1], item[2])
+            except PoisonEntry:
+                entry = None
+            if entry is not None and delivered <= 2 * bound:
+                retry.append((item, entry))
+            else:
+                dead.append((item, entry))
+        done = await self._persist_exhausted([e for _item, e in retry])
+        dead += [(item, e) for item, e in retry if e.entry_id not in done]
+        for item, entry in dead:
+            if entry is not None and not await self._tombstone(entry):
+                keep.append(item)  # committed before its consumer died: ack it as persisted
+                continue
+            await self._dead_letter(
+                self._streams[key], item[1], entry, "delivered too many times", item[2]
+            )
         return keep
 
-    async def _persist_alone(self, e: Entry) -> bool:
-        """Persist one entry in its own transaction and ack it; False when
-        PostgreSQL refuses it (connection failures raise: retry later)."""
+    async def _persist_exhausted(self, entries: list[Entry]) -> set[str]:
+        """Ids of the entries persisted and acked: all in one transaction when
+        PostgreSQL takes them, else each alone."""
+        if not entries:
+            return set()
+        if await self._persist_now(entries):
+            return {e.entry_id for e in entries}
+        return {e.entry_id for e in entries if await self._persist_now([e])}
+
+    async def _persist_now(self, entries: list[Entry]) -> bool:
+        """Persist entries in one transaction and ack them; False when
+        PostgreSQL refuses them (connection failures raise: retried later)."""
         try:
             async with self._b.pg.acquire() as conn:
-                failed = await persist_batch(conn, [e], self.name)
+                failed = await persist_batch(conn, entries, self.name)
         except asyncpg.PostgresError as exc:
             if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
                 raise
             return False
-        await self._after_commit([e], failed)
+        await self._after_commit(entries, failed)
         return True
 
     async def _tombstone(self, e: Entry) -> bool:
