@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
@@ -113,7 +113,7 @@ class Buyers:
         self._session: ClientSession | None = None
         self.give_up_at = math.inf
 
-    async def __aenter__(self) -> Buyers:
+    async def __aenter__(self) -> Self:
         self._session = ClientSession(
             connector=TCPConnector(limit=self.concurrency, force_close=False),
             timeout=ClientTimeout(total=self.timeout_s),
@@ -154,8 +154,8 @@ class Buyers:
                 return a
         except TimeoutError:
             return Attempt(wall, time.monotonic() - started, "timeout")
-        except (ClientError, OSError):
-            return Attempt(wall, time.monotonic() - started, "transport")
+        except (ClientError, OSError) as exc:  # refused, reset, server disconnected...
+            return Attempt(wall, time.monotonic() - started, "transport", type(exc).__name__)
 
     async def buy(self, buy: Buy) -> KeyHistory:
         """One key, retried until decided (or given up)."""
@@ -217,6 +217,10 @@ class Buyers:
         for a in self.all_attempts():
             c[f"{a.status}:{a.code}" if a.code else str(a.status)] += 1
         return dict(sorted(c.items()))
+
+    def count(self, prefix: str) -> int:
+        """Attempts whose ``status[:code]`` starts with ``prefix`` ("503", "transport")."""
+        return sum(n for k, n in self.statuses().items() if k.startswith(prefix))
 
     def accepted(self) -> dict[str, KeyHistory]:
         """order id -> the key that got it (first ok attempt)."""
