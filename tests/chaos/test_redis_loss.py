@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
@@ -125,6 +126,7 @@ async def _scenario(
     # -- Redis restarts empty ----------------------------------------------------
     redis.restart_empty()
     lost_at = time.monotonic()
+    assert isinstance(b.redis, Redis)  # a standalone server, ours
     await b.redis.connection_pool.disconnect()  # the test's own links died with the server
     await api.request("GET", "/readyz")  # the front reconnects (its old links are dead)
     probe = await burst(api.base, sid, _reqs("probe", 20))
