@@ -23,6 +23,11 @@ from flashsale.backends import Backends
 from flashsale.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS
 from flashsale.validate import iso_ms
 
+OUTCOME_UNKNOWN = (
+    "the connection to Redis broke during the reservation; the outcome is unknown: retry "
+    "with the same Idempotency-Key to get it"
+)
+
 
 def new_order_id(sale_id: str, now_ms: int) -> str:
     """Time-ordered, globally unique, and names its sale (routing in Redis)."""
@@ -168,13 +173,15 @@ class Reserver:
             ))
             return
         except (RedisConnectionError, OSError):
-            self._fail_all(items, errors.Unavailable())
+            # the link may have broken after the script ran (the reply was lost):
+            # never claim that nothing was reserved
+            self._fail_all(items, errors.Unavailable(OUTCOME_UNKNOWN))
             return
         except RedisError as exc:
             self._fail_all(items, errors.Unavailable(f"reservation failed: {exc}"))
             return
         except BaseException:
-            self._fail_all(items, errors.Unavailable())
+            self._fail_all(items, errors.Unavailable(OUTCOME_UNKNOWN))
             raise
         for i, item in enumerate(items):
             if item.future.done():

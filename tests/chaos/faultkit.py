@@ -29,9 +29,11 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
 from flashsale import auth
 from flashsale.backends import Backends
+from flashsale.ledger import ledger
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
 from tests.chaos.harness import _die_with_parent, wait_drained
+from tests.chaos.history import History
 from tests.support import JWT_SECRET
 
 DECIDED = frozenset({202, 400, 404, 409, 422})
@@ -53,8 +55,9 @@ def ms(seconds: float) -> float:
 @dataclass(frozen=True)
 class Buy:
     user: str
-    key: str
+    key: str  # the Idempotency-Key; with send_key False only a name in the records
     quantity: int = 1
+    send_key: bool = True  # False: no Idempotency-Key header, sent once, never retried
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Buyers:
         self._tokens: dict[str, str] = {}
         self._session: ClientSession | None = None
         self.give_up_at = math.inf
+        self.history: History | None = None  # tests/chaos/history.py, when given
 
     async def __aenter__(self) -> Self:
         self._session = ClientSession(
@@ -134,10 +138,16 @@ class Buyers:
         assert self._session is not None
         url = f"{self.base}/api/v1/sales/{self.sale_id}/orders"
         headers = {
-            "Authorization": f"Bearer {self.token(buy.user)}", "Idempotency-Key": buy.key,
-            "Content-Type": "application/json",
+            "Authorization": f"Bearer {self.token(buy.user)}", "Content-Type": "application/json",
         }
+        if buy.send_key:
+            headers["Idempotency-Key"] = buy.key
         body = json.dumps({"quantity": buy.quantity}).encode()
+        op = None
+        if self.history is not None:
+            op = self.history.invoke(
+                self.sale_id, buy.user, buy.quantity, buy.key if buy.send_key else None
+            )
         wall, started = time.time(), time.monotonic()
         try:
             async with self._session.post(url, data=body, headers=headers) as r:
@@ -146,15 +156,19 @@ class Buyers:
                 parsed: Any = {}
                 with contextlib.suppress(ValueError):
                     parsed = json.loads(raw)
+                if op is not None and self.history is not None:
+                    self.history.complete(op, r.status, parsed)
                 a = Attempt(wall, latency, r.status, retry_after=r.headers.get("Retry-After"))
                 if r.status == 202:
                     a.order_id = str(parsed["order_id"])
                 elif isinstance(parsed, dict):
                     a.code = str(parsed.get("error", {}).get("code", ""))
                 return a
-        except TimeoutError:
-            return Attempt(wall, time.monotonic() - started, "timeout")
-        except (ClientError, OSError) as exc:  # refused, reset, server disconnected...
+        except (TimeoutError, ClientError, OSError) as exc:  # refused, reset, disconnected...
+            if op is not None and self.history is not None:
+                self.history.fail(op, exc)
+            if isinstance(exc, TimeoutError):
+                return Attempt(wall, time.monotonic() - started, "timeout")
             return Attempt(wall, time.monotonic() - started, "transport", type(exc).__name__)
 
     async def buy(self, buy: Buy) -> KeyHistory:
@@ -163,7 +177,7 @@ class Buyers:
         while True:
             a = await self.attempt(buy)
             h.attempts.append(a)
-            if a.kind != "unknown" or time.monotonic() >= self.give_up_at:
+            if a.kind != "unknown" or not buy.send_key or time.monotonic() >= self.give_up_at:
                 return h
             pause = self.retry_sleep_s
             if self.honor_retry_after and a.retry_after and a.retry_after.isdigit():
@@ -232,7 +246,8 @@ class Buyers:
         return out
 
     def unresolved(self) -> list[str]:
-        return [k for k, h in self.keys.items() if h.final is None]
+        """Keys (sent with the header) that never got a decided answer."""
+        return [k for k, h in self.keys.items() if h.final is None and h.buy.send_key]
 
     def mismatched(self) -> list[str]:
         """Keys answered 202 with more than one order id (a replay must be the same)."""
@@ -337,6 +352,16 @@ async def wait_http(url: str, timeout_s: float = 20.0) -> float:
 # ---------------------------------------------------------------------------
 # audits
 # ---------------------------------------------------------------------------
+
+
+@dataclass
+class DirectReader:
+    """A history Reader (tests/chaos/history.py) on the test's own connections."""
+
+    backends: Backends
+
+    async def ledger(self, sale_id: str) -> dict[str, Any]:
+        return await ledger(self.backends, sale_id)
 
 
 async def drain(b: Backends, sale_id: str, timeout_s: float = 60.0) -> float:

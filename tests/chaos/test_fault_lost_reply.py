@@ -30,8 +30,17 @@ import pytest
 from flashsale.backends import Backends
 from flashsale.config import Settings
 from tests.chaos.conftest import Figures
-from tests.chaos.faultkit import Buy, Buyers, drain, ms, orders_per_key, percentile
+from tests.chaos.faultkit import (
+    Buy,
+    Buyers,
+    DirectReader,
+    drain,
+    ms,
+    orders_per_key,
+    percentile,
+)
 from tests.chaos.harness import audit
+from tests.chaos.history import History
 from tests.faults import TcpProxy
 from tests.support import running_app
 
@@ -42,6 +51,7 @@ USERS = 900  # two keys each
 STOCK = 1400  # the last ~400 keys are sold out
 RATE_PER_S = 300
 WAVE = 60  # keys sent at once, every WAVE / RATE_PER_S seconds
+KEYLESS_ONE_IN = 6  # one request in 6 has no Idempotency-Key: sent once, never retried
 REDIS_TIMEOUT_S = 0.3
 NORMAL_S = 0.3
 SWALLOW_S = 0.6  # > REDIS_TIMEOUT_S: the front gives up while Redis has done the work
@@ -79,9 +89,15 @@ async def test_lost_reply_retry_same_key_one_reservation(
             sid = (await api.create_sale(stock=STOCK, per_user_limit=2, hold_seconds=3600))[
                 "sale_id"
             ]
-            buys = [Buy(f"buyer-{i % USERS}", f"lr-{i}") for i in range(KEYS)]
+            buys = [
+                Buy(f"anon-{i}", f"nokey-{i}", send_key=False) if i % KEYLESS_ONE_IN == 0
+                else Buy(f"buyer-{i % USERS}", f"lr-{i}")
+                for i in range(KEYS)
+            ]
             counts = {"swallow_windows": 0, "drop_windows": 0}
+            history = History()
             async with Buyers(api.base, sid, concurrency=128) as buyers:
+                buyers.history = history
                 buyers.give_up_at = time.monotonic() + 90
                 stop = asyncio.Event()
                 faults = asyncio.create_task(_faults(proxy, stop, counts))
@@ -95,6 +111,7 @@ async def test_lost_reply_retry_same_key_one_reservation(
                 await faults
                 burst_s = time.monotonic() - started
         drain_s = await drain(direct, sid)
+        verdict = await history.check(DirectReader(direct), sales=[sid])
         a = await audit(direct, sid)
         per_key = await orders_per_key(direct, sid)
         created = {
@@ -120,7 +137,8 @@ async def test_lost_reply_retry_same_key_one_reservation(
             k = f"{x.status}:{x.code}" if x.code else str(x.status)
             unknown_codes[k] = unknown_codes.get(k, 0) + 1
     orders_for_key = {
-        k: per_key.get((h.buy.user, k), []) for k, h in buyers.keys.items()
+        k: per_key.get((h.buy.user, k if h.buy.send_key else ""), [])
+        for k, h in buyers.keys.items()
     }
     multi = {k: v for k, v in orders_for_key.items() if len(v) > 1}
     wrong = [
@@ -133,7 +151,6 @@ async def test_lost_reply_retry_same_key_one_reservation(
         if h.final is not None and h.final.status != 202 and orders_for_key[k]
     ]
     latencies = [x.latency_s for x in buyers.all_attempts()]
-    accepted_qty = sum(h.buy.quantity for h in accepted.values())
     figures.update(
         keys=KEYS, burst_s=round(burst_s, 1), attempts=len(latencies),
         accepted=len(accepted), sold_out=len(sold_out), unresolved=len(buyers.unresolved()),
@@ -145,7 +162,10 @@ async def test_lost_reply_retry_same_key_one_reservation(
         fault_windows=counts, replies_swallowed=proxy.stats.replies_swallowed,
         replies_dropped=proxy.stats.replies_dropped, links_reset=proxy.stats.reset,
         p50_ms=ms(percentile(latencies, 50)), p99_ms=ms(percentile(latencies, 99)),
-        redis_holds=a.holds, drain_s=round(drain_s, 2), ledger=a.ledger,
+        keyless_requests=sum(1 for b in buys if not b.send_key),
+        keyless_unknown_that_reserved=verdict.explained_by_unknown,
+        history=verdict.figures(), redis_holds=a.holds, drain_s=round(drain_s, 2),
+        ledger=a.ledger,
     )
     print(
         f"\nlost replies: {KEYS} keys, {len(latencies)} attempts, accepted {len(accepted)}, "
@@ -156,17 +176,17 @@ async def test_lost_reply_retry_same_key_one_reservation(
         f"reset {proxy.stats.reset}"
     )
 
+    verdict.assert_valid()  # lost, duplicated, unexpected 0; ledger, holds, stream
     assert buyers.unresolved() == [], "a key ended without a decided outcome"
     assert not buyers.mismatched(), "a retried key got another order id"
     assert not multi and not wrong and not phantom, (multi, wrong, phantom)
-    assert sum(len(v) for v in per_key.values()) == len(accepted)
-    assert accepted_qty <= STOCK
-    assert len(accepted) == STOCK, "the stock sells out exactly (every key retried)"
+    assert sum(len(v) for v in per_key.values()) == len(accepted) + verdict.explained_by_unknown
+    assert verdict.sales[0].held == STOCK, "the stock sells out exactly (every key retried)"
     assert {h.final.code for h in buyers.keys.values() if h.final and h.final.status != 202} <= {
         "sold_out"
     }
     assert len(ran_unseen) >= 1, "no reply was lost after its reservation ran"
     assert proxy.stats.replies_swallowed >= 1 and proxy.stats.replies_dropped >= 1
-    assert a.holds == len(accepted)
+    assert a.holds == len(accepted) + verdict.explained_by_unknown
     assert a.drained
     assert a.ledger["consistent"] is True, a.ledger
