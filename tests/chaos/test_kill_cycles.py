@@ -42,6 +42,7 @@ from flashsale.embedded import free_port
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import Buy, Buyers, KeyHistory, ms, percentile, wait_http
 from tests.chaos.harness import Service, Services, audit, flashsale_env, wait_drained
+from tests.chaos.history import History, HttpReader
 from tests.support import ADMIN_TOKEN
 
 pytestmark = pytest.mark.chaos
@@ -199,6 +200,8 @@ async def test_kill9_cycles_front_consumer_compensator(
     ) as buyers:
         cancels = Cancels(base, buyers)
         buyers.cancels = cancels
+        history = History()
+        buyers.history = history
         buyers.give_up_at = time.monotonic() + 600
         stop = asyncio.Event()
         load = asyncio.create_task(buyers.paced(buys, RATE_PER_S, stop))
@@ -245,6 +248,7 @@ async def test_kill9_cycles_front_consumer_compensator(
     settle_s = loop.time() - settle_started
     for svc in (front, consumer, compensator):
         assert svc.alive, f"{svc.name} died on its own: {svc.log_tail()}"
+    verdict = await history.check(HttpReader(direct, base, ADMIN_TOKEN), sales=[sid])
     a = await audit(direct, sid)
     live_per_key = await direct.pg.fetch(
         "SELECT user_id, idempotency_key, count(*) AS n FROM orders WHERE sale_id = $1 "
@@ -275,26 +279,28 @@ async def test_kill9_cycles_front_consumer_compensator(
             for k, v in restart_s.items()
         },
         keys=len(buyers.keys), attempts=len(attempts), statuses=buyers.statuses(),
-        accepted=len(accepted), persisted=len(persisted), compensated=len(compensated),
-        lost=len(lost), duplicated=duplicated, unexpected=len(unexpected),
+        accepted=len(accepted), rows_released=len(released), dead_lettered=len(dead),
+        lost=verdict.lost, duplicated=verdict.duplicated, unexpected=verdict.unexpected,
         unresolved=len(buyers.unresolved()), replay_mismatches=len(buyers.mismatched()),
         requests_cut_by_a_front_kill=buyers.count("transport")
         - buyers.count("transport:ClientConnectorError"),
         kills_mid_work=dict(mid_work),
         server_errors_not_503=buyers.server_errors_not_503(),
         final_status=a.status_counts(), cancel_answers=dict(cancels.answers),
-        releases=int(release_rows), p99_ms=ms(percentile(lat, 99)),
+        releases=int(release_rows), history=verdict.figures(), p99_ms=ms(percentile(lat, 99)),
         drain_s=round(drain_s, 2), settle_s=round(settle_s, 2), ledger=a.ledger,
     )
     print(
         f"\nkill -9 cycles: {len(deck)} in {cycles_s:.0f}s {dict(kills)}; keys "
-        f"{len(buyers.keys)}, accepted {len(accepted)}: persisted {len(persisted)}, "
-        f"compensated {len(compensated)}, lost {len(lost)}, duplicated {duplicated}, "
-        f"unexpected {len(unexpected)}; unresolved {len(buyers.unresolved())}; "
+        f"{len(buyers.keys)}, accepted {len(accepted)} (history: persisted {verdict.persisted}, "
+        f"compensated {verdict.compensated}, lost {verdict.lost}, duplicated "
+        f"{verdict.duplicated}, unexpected {verdict.unexpected}); unresolved "
+        f"{len(buyers.unresolved())}; "
         f"statuses {buyers.statuses()}; ledger consistent {a.ledger['consistent']}"
     )
 
     assert len(deck) == CYCLES and min(kills.values()) >= CYCLES // 3 - 1, kills
+    verdict.assert_valid()  # the history checker: lost, duplicated, unexpected 0, ...
     assert buyers.unresolved() == [] and not buyers.mismatched()
     assert buyers.server_errors_not_503() == 0, buyers.statuses()
     assert not lost, f"lost {len(lost)}: {sorted(lost)[:5]}"
