@@ -532,6 +532,10 @@ def classify_sale(
     for row in sorted(state.rows.values(), key=lambda r: r.order_id):
         if row.order_id in by_order:
             continue
+        if row.order_id in duplicated:
+            orders.append(OrderVerdict(row.order_id, state.sale_id, Fate.DUPLICATED, row.status,
+                                       (), duplicated[row.order_id]))
+            continue
         match = next(
             (o for o in candidates if o.op not in used and o.request.user_id == row.user_id
              and o.request.quantity == row.quantity and o.request.key == row.key), None,
@@ -543,9 +547,8 @@ def classify_sale(
             ))
             continue
         used.add(match.op)
-        fate = Fate.DUPLICATED if row.order_id in duplicated else Fate.EXPLAINED
-        orders.append(OrderVerdict(row.order_id, state.sale_id, fate, row.status, (match.op,),
-                                   duplicated.get(row.order_id, "an unknown operation's")))
+        orders.append(OrderVerdict(row.order_id, state.sale_id, Fate.EXPLAINED, row.status,
+                                   (match.op,), "an unknown operation's"))
     return orders, violations
 
 
