@@ -33,7 +33,7 @@ from tests.chaos.harness import LoadGenerator, Services, audit, flashsale_env
 from tests.faults import TcpProxy
 from tests.support import JWT_SECRET, running_app
 
-CYCLES = 8
+CYCLES = 6
 STOCK = 300
 RATE_PER_S = 60
 CANCEL_EVERY = 4  # one accepted order in 4 is cancelled by its buyer
