@@ -16,6 +16,11 @@ key and payment, and each Idempotency-Key's first decided reply. Rules:
 * ``replay``: an earlier key with the same body (the first reply again: same
   status, same ``order_id`` or code), a different quantity or another sale
   (422 ``idempotency_key_reused``);
+* ``reserve_reply_lost``: a reservation through a TCP proxy (tests/faults.py)
+  that loses its reply after the service handled it (the link reset, or the
+  client timing out): the outcome is unknown to the client; the model learns
+  it from Redis's pending orders, and a retry with the same key must get the
+  first answer (one reservation per key);
 * ``pay`` (201, the same ``payment_id`` on repeat, or 409
   ``order_not_payable``), ``settle`` through the mock gateway's admin
   endpoint or a webhook we sign ourselves (then replayed: ``duplicate``;
@@ -51,7 +56,7 @@ A failure prints the minimal failing program (the rules with their
 arguments) and a ``@reproduce_failure('<version>', b'<blob>')`` line: replay
 exactly that example with FLASHSALE_SM_REPRODUCE="<version> <blob>". The run
 is seeded (FLASHSALE_SM_SEED, default 20261122), so a whole run replays too. FLASHSALE_SM_EXAMPLES
-(30) and FLASHSALE_SM_STEPS (40) bound it.
+(25) and FLASHSALE_SM_STEPS (30) bound it.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
 
+import aiohttp
+import orjson
 import pytest
 from hypothesis import HealthCheck, reproduce_failure, seed
 from hypothesis import settings as hsettings
@@ -81,6 +88,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from flashsale import orders as flashsale_orders
 from flashsale.compensate import Compensator
 from flashsale.config import Settings
 from flashsale.metrics import Metrics
@@ -100,18 +108,20 @@ from tests.chaos.history import (
     classify_sale,
 )
 from tests.commerce import FAST, Shop, running_shop
+from tests.faults import TcpProxy
 
 pytestmark = pytest.mark.chaos
 
 T = TypeVar("T")
 
 SEED = int(os.environ.get("FLASHSALE_SM_SEED", "20261122"))
-MAX_EXAMPLES = int(os.environ.get("FLASHSALE_SM_EXAMPLES", "30"))
-STEPS = int(os.environ.get("FLASHSALE_SM_STEPS", "40"))
+MAX_EXAMPLES = int(os.environ.get("FLASHSALE_SM_EXAMPLES", "25"))
+STEPS = int(os.environ.get("FLASHSALE_SM_STEPS", "30"))
 REPRODUCE = os.environ.get("FLASHSALE_SM_REPRODUCE", "")
 USERS = 3
 PRICE = 500
 CLAIM_IDLE_MS = 100
+LOST_REPLY_TIMEOUT_S = 0.2
 STEP_TIMEOUT_S = 30.0
 HOLDING = frozenset({"pending", "awaiting_payment", "paid", "shipped"})
 RELEASED = frozenset({"cancelled", "expired", "failed"})
@@ -142,10 +152,12 @@ class Env:
 
     loop: LoopThread
     shop: Shop
+    proxy: TcpProxy  # in front of the HTTP front: replies can be lost
     run_tag: str
     examples: int = 0
     steps: int = 0
     rules: Counter[str] = field(default_factory=Counter)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per rule, invariant
     reservations: int = 0
     verdicts: Counter[str] = field(default_factory=Counter)
 
@@ -204,6 +216,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.history = History()
         self.crashed = 0  # entries left in the pending lists of dead consumers
         self.seq = 0
+        self._rule = "init"
 
     # ------------------------------------------------------------------- helpers
 
@@ -212,11 +225,17 @@ class LedgerMachine(RuleBasedStateMachine):
         return self.env.shop
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.env.loop.run(coro)
+        started = time.monotonic()
+        try:
+            return self.env.loop.run(coro)
+        finally:
+            spent = time.monotonic() - started
+            self.env.seconds[self._rule] = self.env.seconds.get(self._rule, 0.0) + spent
 
     def step(self, name: str) -> None:
         self.env.steps += 1
         self.env.rules[name] += 1
+        self._rule = name
 
     def fresh(self, prefix: str) -> str:
         self.seq += 1
@@ -288,6 +307,86 @@ class LedgerMachine(RuleBasedStateMachine):
                 first.status, first.order_id, first.code), (reply, first)
         else:
             assert (reply.status, reply.code) == (422, "idempotency_key_reused"), reply
+
+    @rule(user=st.integers(0, USERS - 1), qty=st.integers(1, 3), keyed=st.booleans(),
+          mode=st.sampled_from(["reset", "timeout"]), retry=st.booleans())
+    def reserve_reply_lost(
+        self, user: int, qty: int, keyed: bool, mode: str, retry: bool
+    ) -> None:
+        """The reservation runs, its reply is lost (the link is reset, or the client
+        times out): the client's outcome is unknown. The model learns what happened
+        from the sale's pending orders in Redis (exactly one new order when it had to
+        be accepted, none otherwise); ``retry`` (with a key) asks again and must get
+        the first decided answer."""
+        self.step(f"reply_lost_{mode}")
+        assert self.sale_id is not None
+        buyer = self.users[user]
+        key = self.fresh("k") if keyed else None
+        want_status, want_code = self.expected_reserve(buyer, qty)
+        self.env.reservations += 1
+        before = self.run(self._pending_ids())
+        outcome = self.run(self._lost_reply(buyer, qty, key, mode))
+        assert outcome is Outcome.UNKNOWN, outcome
+        new = self.run(self._pending_ids()) - before
+        order_id = None
+        if want_status == 202:
+            assert len(new) == 1, new
+            order_id = new.pop()
+            pending = self.run(
+                flashsale_orders.fetch_pending(self.shop.b, order_id, self.sale_id))
+            assert pending is not None and (pending.user_id, pending.quantity) == (buyer, qty)
+            self.orders[order_id] = MOrder(order_id, buyer, qty, key)
+        else:
+            assert not new, new
+        if key is None:
+            return
+        self.keys.append((buyer, key))
+        first = self.first[(buyer, key)] = FirstReply(qty, want_status, order_id, want_code)
+        if retry:
+            self.env.reservations += 1
+            _, reply = self.run(
+                self.history.reserve(self.shop.api, self.sale_id, buyer, qty, key))
+            assert (reply.status, reply.order_id, reply.code) == (
+                first.status, first.order_id, first.code), (reply, first)
+
+    async def _pending_ids(self) -> set[str]:
+        assert self.sale_id is not None
+        b = self.shop.b
+        return {_text(o) for o in await b.redis.hkeys(b.keys(self.sale_id).pending)}
+
+    async def _lost_reply(self, buyer: str, qty: int, key: str | None, mode: str) -> Outcome:
+        assert self.sale_id is not None
+        proxy = self.env.proxy
+        op = self.history.invoke(self.sale_id, buyer, qty, key)
+        headers = {**self.shop.api.buyer(buyer), "Content-Type": "application/json"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        url = f"http://127.0.0.1:{proxy.port}/api/v1/sales/{self.sale_id}/orders"
+        timeout = aiohttp.ClientTimeout(total=LOST_REPLY_TIMEOUT_S if mode == "timeout" else 10)
+        swallowed = proxy.stats.replies_swallowed
+        if mode == "timeout":
+            proxy.swallow_replies(True)
+        else:
+            proxy.drop_reply_once()
+        try:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True), timeout=timeout
+            ) as session, session.post(
+                url, data=orjson.dumps({"quantity": qty}), headers=headers
+            ) as r:
+                raw = await r.read()
+            # the reply came through after all: a test fault, not the service's
+            raise AssertionError(f"the proxy let a reply through: {r.status} {raw[:200]!r}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if mode == "timeout":  # the client gave up; wait until the service has answered
+                deadline = time.monotonic() + 10
+                while proxy.stats.replies_swallowed == swallowed:
+                    assert time.monotonic() < deadline, "the service never answered"
+                    await asyncio.sleep(0.01)
+            return self.history.fail(op, exc)
+        finally:
+            if mode == "timeout":
+                proxy.swallow_replies(False)
 
     @precondition(lambda self: bool(self.orders))
     @rule(i=PICK)
@@ -483,26 +582,44 @@ class LedgerMachine(RuleBasedStateMachine):
     @invariant()
     def service_agrees_with_model(self) -> None:
         if self.sale_id is not None:
+            self._rule = "invariant"
             self.run(self._agrees())
 
     async def _agrees(self) -> None:
         assert self.sale_id is not None
-        api, b = self.shop.api, self.shop.b
-        k = b.keys(self.sale_id)
-        status, sale, _ = await api.request("GET", f"/api/v1/sales/{self.sale_id}")
+        api, b, sale_id = self.shop.api, self.shop.b, self.sale_id
+        k = b.keys(sale_id)
+
+        async def redis_reads() -> list[Any]:
+            async with b.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(k.users)
+                pipe.hkeys(k.pending)
+                pipe.xlen(k.stream)
+                return list(await pipe.execute())
+
+        # nothing runs in the background: the reads may go concurrently
+        (status, sale, _), (users_raw, pending_raw, stream_len), rows_raw, sold, pay_rows, led = (
+            await asyncio.gather(
+                api.request("GET", f"/api/v1/sales/{sale_id}"), redis_reads(),
+                b.pg.fetch("SELECT order_id, status, quantity FROM orders WHERE sale_id = $1",
+                           sale_id),
+                b.pg.fetchval("SELECT sold FROM sales WHERE sale_id = $1", sale_id),
+                b.pg.fetch("SELECT order_id, payment_id, status FROM payments "
+                           "WHERE sale_id = $1", sale_id),
+                api.ledger(sale_id),
+            ))
         assert status == 200, sale
         assert (sale["stock"], sale["available"]) == (self.stock, self.available), (
             f"service stock/available {sale['stock']}/{sale['available']}, "
             f"model {self.stock}/{self.available}")
         assert self.available >= 0  # the model never oversells; neither may the service
-        users = {_text(u): int(q) for u, q in (await b.redis.hgetall(k.users)).items()}
+        users = {_text(u): int(q) for u, q in users_raw.items()}
         model_users = {u: self.held(u) for u in self.users if self.held(u)}
         assert users == model_users, (users, model_users)
         assert all(q <= self.limit for q in users.values()), users
 
-        rows = {r["order_id"]: r for r in await b.pg.fetch(
-            "SELECT order_id, status, quantity FROM orders WHERE sale_id = $1", self.sale_id)}
-        pending = {_text(o) for o in await b.redis.hkeys(k.pending)}
+        rows = {r["order_id"]: r for r in rows_raw}
+        pending = {_text(o) for o in pending_raw}
         assert set(rows) <= set(self.orders), set(rows) - set(self.orders)
         for o in self.orders.values():
             if o.in_pg:
@@ -510,19 +627,16 @@ class LedgerMachine(RuleBasedStateMachine):
                     o, rows.get(o.order_id))
             else:
                 assert o.order_id not in rows and o.order_id in pending, o
-        sold = await b.pg.fetchval("SELECT sold FROM sales WHERE sale_id = $1", self.sale_id)
         held = sum(int(r["quantity"]) for r in rows.values()
                    if r["status"] in ("awaiting_payment", "paid", "shipped"))
         assert sold == held <= self.stock, (sold, held, self.stock)
 
-        payments = {r["order_id"]: (r["payment_id"], r["status"]) for r in await b.pg.fetch(
-            "SELECT order_id, payment_id, status FROM payments WHERE sale_id = $1", self.sale_id)}
+        payments = {r["order_id"]: (r["payment_id"], r["status"]) for r in pay_rows}
         model_payments = {o.order_id: (o.payment.payment_id, o.payment.status)
                           for o in self.orders.values() if o.payment}
         assert payments == model_payments, (payments, model_payments)
 
-        if int(await b.redis.xlen(k.stream)) == 0:
-            led = await api.ledger(self.sale_id)
+        if int(stream_len) == 0:  # drained: the ledger balances, with the model's figures
             sums = Counter[str]()
             for o in self.orders.values():
                 sums[o.status] += o.qty
@@ -537,6 +651,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return
         if sys.exc_info()[0] is not None:
             return  # a step failed: leave its state as it is, report that failure only
+        self._rule = "teardown"
         self.run(self._final())
 
     async def _final(self) -> None:
@@ -547,7 +662,9 @@ class LedgerMachine(RuleBasedStateMachine):
         for name, value in verdict.figures().items():
             self.env.verdicts[name] += int(value)
         verdict.assert_valid()
-        assert verdict.accepted_orders == len(self.orders), verdict.figures()
+        # every order the model knows: told to a client (ok), or a lost reply's (explained)
+        known = verdict.accepted_orders + verdict.explained_by_unknown
+        assert known == len(self.orders), verdict.figures()
 
 
 def _text(raw: bytes | str) -> str:
@@ -557,8 +674,11 @@ def _text(raw: bytes | str) -> str:
 # --------------------------------------------------------------------------- the test
 
 
-async def _start(settings: Settings, stack: AsyncExitStack) -> Shop:
-    return await stack.enter_async_context(running_shop(settings))
+async def _start(settings: Settings, stack: AsyncExitStack) -> tuple[Shop, TcpProxy]:
+    shop = await stack.enter_async_context(running_shop(settings))
+    port = int(shop.api.base.rsplit(":", 1)[1])
+    proxy = await stack.enter_async_context(TcpProxy("127.0.0.1", port))
+    return shop, proxy
 
 
 def test_state_machine(chaos_settings: Settings, figures: Figures) -> None:
@@ -569,9 +689,10 @@ def test_state_machine(chaos_settings: Settings, figures: Figures) -> None:
     loop = LoopThread()
     stack = AsyncExitStack()
     started = time.monotonic()
+    failing = 1
     try:
-        shop = loop.run(_start(settings, stack))
-        env = Env(loop, shop, secrets.token_hex(3))
+        shop, proxy = loop.run(_start(settings, stack))
+        env = Env(loop, shop, proxy, secrets.token_hex(3))
         machine = type("LedgerMachineRun", (LedgerMachine,), {"env": env})
         seed(SEED)(machine)
         if REPRODUCE:  # "<hypothesis version> <blob>" as a failing run printed it
@@ -582,19 +703,23 @@ def test_state_machine(chaos_settings: Settings, figures: Figures) -> None:
             database=None, print_blob=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         ))
+        failing = 0
     finally:
         loop.run(stack.aclose())
         loop.close()
         if "env" in locals():
             figures.update(
                 seed=SEED, max_examples=MAX_EXAMPLES, stateful_step_count=STEPS,
-                examples_run=env.examples, steps_run=env.steps,
+                examples_run=env.examples, steps_run=env.steps, failing_examples=failing,
                 reservations=env.reservations, rules=dict(sorted(env.rules.items())),
                 history=dict(env.verdicts), wall_s=round(time.monotonic() - started, 1),
             )
-            print(f"\nstate machine: {env.examples} examples, {env.steps} steps "
+            by_time = sorted(env.seconds.items(), key=lambda kv: -kv[1])
+            seconds = {k: round(v, 1) for k, v in by_time}
+            print(f"\nstate machine: {env.examples} examples, {env.steps} steps, "
+                  f"{failing} failing example(s) "
                   f"({env.reservations} reservations), seed {SEED}; rules {dict(env.rules)}; "
-                  f"history {dict(env.verdicts)}")
+                  f"history {dict(env.verdicts)}; seconds {seconds}")
 
 
 # --------------------------------------------------------------------------- the checker
