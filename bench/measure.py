@@ -142,7 +142,7 @@ class SystemResult:
         }
 
 
-QUICK_STOCK = 300
+QUICK_STOCK = 100
 
 
 def _stock_for(lab: Lab, rate: float) -> int:
