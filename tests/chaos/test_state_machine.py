@@ -56,19 +56,20 @@ A failure prints the minimal failing program (the rules with their
 arguments) and a ``@reproduce_failure('<version>', b'<blob>')`` line: replay
 exactly that example with FLASHSALE_SM_REPRODUCE="<version> <blob>". The run
 is seeded (FLASHSALE_SM_SEED, default 20261122), so a whole run replays too. FLASHSALE_SM_EXAMPLES
-(25) and FLASHSALE_SM_STEPS (30) bound it.
+(30) and FLASHSALE_SM_STEPS (40) bound it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, TypeVar
@@ -97,9 +98,11 @@ from tests.chaos.conftest import Figures
 from tests.chaos.history import (
     Fate,
     History,
+    HttpReader,
     Operation,
     OpId,
     Outcome,
+    Reader,
     Reply,
     ReserveRequest,
     Row,
@@ -115,13 +118,14 @@ pytestmark = pytest.mark.chaos
 T = TypeVar("T")
 
 SEED = int(os.environ.get("FLASHSALE_SM_SEED", "20261122"))
-MAX_EXAMPLES = int(os.environ.get("FLASHSALE_SM_EXAMPLES", "25"))
-STEPS = int(os.environ.get("FLASHSALE_SM_STEPS", "30"))
+MAX_EXAMPLES = int(os.environ.get("FLASHSALE_SM_EXAMPLES", "30"))
+STEPS = int(os.environ.get("FLASHSALE_SM_STEPS", "40"))
 REPRODUCE = os.environ.get("FLASHSALE_SM_REPRODUCE", "")
 USERS = 3
 PRICE = 500
 CLAIM_IDLE_MS = 100
 LOST_REPLY_TIMEOUT_S = 0.2
+RESTOCKS_MAX = 3
 STEP_TIMEOUT_S = 30.0
 HOLDING = frozenset({"pending", "awaiting_payment", "paid", "shipped"})
 RELEASED = frozenset({"cancelled", "expired", "failed"})
@@ -158,6 +162,7 @@ class Env:
     steps: int = 0
     rules: Counter[str] = field(default_factory=Counter)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per rule, invariant
+    outcomes: Counter[str] = field(default_factory=Counter)  # what the webhooks did
     reservations: int = 0
     verdicts: Counter[str] = field(default_factory=Counter)
 
@@ -216,6 +221,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.history = History()
         self.crashed = 0  # entries left in the pending lists of dead consumers
         self.seq = 0
+        self.restocks = 0
         self._rule = "init"
 
     # ------------------------------------------------------------------- helpers
@@ -388,11 +394,21 @@ class LedgerMachine(RuleBasedStateMachine):
             if mode == "timeout":
                 proxy.swallow_replies(False)
 
+    def among(self, i: int, live: bool, is_live: Callable[[MOrder], bool]) -> MOrder:
+        """Order ``i`` among the live ones (``live`` drawn and there are some), else
+        among all: random picks alone rarely walk an order through its whole life."""
+        candidates = [o for o in self.orders.values() if is_live(o)] if live else []
+        return self.pick(i, candidates or list(self.orders.values()))
+
     @precondition(lambda self: bool(self.orders))
-    @rule(i=PICK)
-    def pay(self, i: int) -> None:
+    @rule(i=PICK, live=st.booleans(),
+          then=st.sampled_from(["nothing", "succeeded", "failed"]))
+    def pay(self, i: int, live: bool, then: str) -> None:
+        """Request the payment; ``then`` the gateway settles it at once (a buyer who
+        pays right away), or not (``settle`` may come later, or never)."""
         self.step("pay")
-        o = self.pick(i, list(self.orders.values()))
+        o = self.among(i, live, lambda o: o.status in ("pending", "awaiting_payment")
+                       and not o.lapsed and o.payment is None)
         status, body = self.run(self.shop.pay(o.order_id, o.user))
         if o.status in ("pending", "awaiting_payment") and not o.lapsed:
             assert status == 201, body
@@ -402,6 +418,8 @@ class LedgerMachine(RuleBasedStateMachine):
             else:
                 assert body["payment_id"] == o.payment.payment_id, (body, o.payment)
                 o.payment.status = "requires_payment"  # a failed attempt is payable again
+            if then != "nothing":
+                self.settle_one(o, then, "gateway")
         else:
             assert (status, body["error"]["code"]) == (409, "order_not_payable"), (o, body)
 
@@ -430,14 +448,20 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: any(o.payment for o in self.orders.values()))
     @rule(i=PICK, outcome=st.sampled_from(["succeeded", "failed"]),
-          via=st.sampled_from(["gateway", "signed"]))
-    def settle(self, i: int, outcome: str, via: str) -> None:
+          via=st.sampled_from(["gateway", "signed"]), live=st.booleans())
+    def settle(self, i: int, outcome: str, via: str, live: bool) -> None:
         self.step(f"settle_{via}")
-        o = self.pick(i, [o for o in self.orders.values() if o.payment])
+        paid_for = [o for o in self.orders.values() if o.payment]
+        unsettled = [o for o in paid_for if o.in_pg and o.payment is not None
+                     and o.payment.status in ("requires_payment", "failed")]
+        self.settle_one(self.pick(i, unsettled if live and unsettled else paid_for), outcome, via)
+
+    def settle_one(self, o: MOrder, outcome: str, via: str) -> None:
         assert o.payment is not None
         payment = {"payment_id": o.payment.payment_id, "order_id": o.order_id,
                    "amount_cents": o.amount}
         want_status, want_outcome = self.webhook_effect(o, outcome)
+        self.env.outcomes[f"webhook_{want_outcome or want_status}"] += 1
         if via == "gateway":
             status, body = self.run(self.shop.settle(o.payment.payment_id, outcome))
             assert status == 200, body
@@ -508,9 +532,13 @@ class LedgerMachine(RuleBasedStateMachine):
         for o in due:
             o.status = "expired"
 
+    @precondition(lambda self: self.restocks < RESTOCKS_MAX)
     @rule(qty=st.integers(1, 3))
     def restock(self, qty: int) -> None:
+        """(At most RESTOCKS_MAX per example: with one argument it is among Hypothesis's
+        "simplest" rules, and examples made of restocks alone test little.)"""
         self.step("restock")
+        self.restocks += 1
         status, body, _ = self.run(self.shop.api.request(
             "POST", f"/api/v1/sales/{self.sale_id}/restock", json={"quantity": qty},
             headers=self.shop.api.admin,
@@ -519,7 +547,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.stock += qty
         assert (body["stock"], body["available"]) == (self.stock, self.available), body
 
-    @rule(action=st.sampled_from(["crash_before_commit", "crash_after_commit", "restart"]),
+    @rule(action=st.sampled_from(["restart", "crash_before_commit", "crash_after_commit"]),
           count=st.integers(1, 4))
     def consumer(self, action: str, count: int) -> None:
         """A consumer dies mid-batch (before or after its commit), or one (re)starts
@@ -657,8 +685,10 @@ class LedgerMachine(RuleBasedStateMachine):
     async def _final(self) -> None:
         assert self.sale_id is not None
         await self._drain()
-        verdict = await self.history.check(self.shop.api, sales=[self.sale_id,
-                                                                 self.other_sale_id])
+        api = self.shop.api  # both kinds of reader, on alternate examples
+        reader: Reader = api if self.n % 2 else HttpReader(api.backends, api.base,
+                                                           api.settings.admin_token)
+        verdict = await self.history.check(reader, sales=[self.sale_id, self.other_sale_id])
         for name, value in verdict.figures().items():
             self.env.verdicts[name] += int(value)
         verdict.assert_valid()
@@ -712,14 +742,87 @@ def test_state_machine(chaos_settings: Settings, figures: Figures) -> None:
                 seed=SEED, max_examples=MAX_EXAMPLES, stateful_step_count=STEPS,
                 examples_run=env.examples, steps_run=env.steps, failing_examples=failing,
                 reservations=env.reservations, rules=dict(sorted(env.rules.items())),
+                webhooks=dict(sorted(env.outcomes.items())),
                 history=dict(env.verdicts), wall_s=round(time.monotonic() - started, 1),
             )
             by_time = sorted(env.seconds.items(), key=lambda kv: -kv[1])
             seconds = {k: round(v, 1) for k, v in by_time}
             print(f"\nstate machine: {env.examples} examples, {env.steps} steps, "
-                  f"{failing} failing example(s) "
+                  f"{failing} failing example(s), webhooks {dict(env.outcomes)} "
                   f"({env.reservations} reservations), seed {SEED}; rules {dict(env.rules)}; "
                   f"history {dict(env.verdicts)}; seconds {seconds}")
+
+
+def test_state_machine_lifecycle_walk(chaos_settings: Settings, figures: Figures) -> None:
+    """One fixed program through the same machine and invariants, so that every rule and
+    every order transition runs on every run, whatever the random examples reach."""
+    settings = replace(
+        chaos_settings, **{**FAST, "consumer_claim_idle_ms": CLAIM_IDLE_MS,
+                           "gateway_webhook_attempts": 1},
+    )
+    loop = LoopThread()
+    stack = AsyncExitStack()
+    try:
+        shop, proxy = loop.run(_start(settings, stack))
+        env = Env(loop, shop, proxy, secrets.token_hex(3))
+        m = type("LedgerMachineWalk", (LedgerMachine,), {"env": env})()
+
+        def at(order_id: str, among: list[MOrder] | None = None) -> int:
+            return [o.order_id for o in (among or list(m.orders.values()))].index(order_id)
+
+        def check(step: Callable[[], None]) -> None:
+            step()
+            m.service_agrees_with_model()
+
+        def newest() -> str:
+            return str(list(m.orders)[-1])
+
+        check(lambda: m.create_sale(stock=4, limit=2))
+        check(lambda: m.reserve(user=0, qty=1, keyed=True))
+        a = newest()
+        check(lambda: m.reserve_reply_lost(user=1, qty=1, keyed=True, mode="reset", retry=True))
+        b = newest()
+        check(lambda: m.reserve_reply_lost(user=2, qty=1, keyed=False, mode="timeout",
+                                           retry=False))
+        c = newest()
+        for variant in ("same", "other_quantity", "other_sale"):
+            check(functools.partial(m.replay, i=0, variant=variant))
+        check(lambda: m.reserve(user=0, qty=2, keyed=True))  # 409 limit_exceeded, remembered
+        check(lambda: m.replay(i=len(m.keys) - 1, variant="same"))
+        check(lambda: m.consumer(action="crash_after_commit", count=1))  # a: committed, unacked
+        check(lambda: m.consumer(action="crash_before_commit", count=1))  # b: read, lost
+        check(lambda: m.pay(i=at(c), live=False, then="succeeded"))  # c pending: 503
+        check(lambda: m.consumer(action="restart", count=1))  # reclaims a and b, persists c
+        assert all(m.orders[x].status == "awaiting_payment" for x in (a, b, c))
+        check(lambda: m.pay(i=at(a), live=False, then="succeeded"))  # a paid
+        check(m.ship)
+        check(lambda: m.pay(i=at(b), live=False, then="failed"))  # b payable again
+        awaiting = [o for o in m.orders.values() if o.status == "awaiting_payment"]
+        check(lambda: m.expire(i=at(b, awaiting), sweep=False))  # lapsed, unswept
+        check(lambda: m.pay(i=at(b), live=False, then="nothing"))  # 409: the hold ran out
+        paid_for = [o for o in m.orders.values() if o.payment]
+        check(lambda: m.settle(i=at(b, paid_for), outcome="succeeded", via="signed",
+                               live=False))  # refunded, b expired right there
+        awaiting = [o for o in m.orders.values() if o.status == "awaiting_payment"]
+        check(lambda: m.expire(i=at(c, awaiting), sweep=False))
+        check(lambda: m.expire(i=at(c, awaiting), sweep=True))  # drawn again: swept now
+        check(lambda: m.restock(qty=2))
+        check(lambda: m.reserve(user=2, qty=2, keyed=False))
+        d = newest()
+        check(lambda: m.cancel(i=at(d)))  # cancelled while pending
+        check(lambda: m.cancel(i=at(d)))  # 409 order_not_cancellable
+        check(lambda: m.cancel(i=at(a)))  # shipped: 409
+        check(lambda: m.consumer(action="restart", count=1))
+        m.teardown()
+        want = {"paid", "503", "payment_failed", "refunded"}
+        assert want <= {k.removeprefix("webhook_") for k in env.outcomes}, env.outcomes
+        assert {m.orders[x].status for x in (a, b, c, d)} == {"shipped", "expired", "cancelled"}
+        figures.update(steps=env.steps, rules=dict(sorted(env.rules.items())),
+                       webhooks=dict(sorted(env.outcomes.items())),
+                       history=dict(env.verdicts))
+    finally:
+        loop.run(stack.aclose())
+        loop.close()
 
 
 # --------------------------------------------------------------------------- the checker
