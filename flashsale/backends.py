@@ -11,12 +11,30 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.connection import HiredisRespSerializer
+from redis.typing import EncodableT
+from redis.utils import HIREDIS_AVAILABLE
 
 from flashsale.config import Settings
 from flashsale.keys import SaleKeys
 from flashsale.scripts import RedisClient, Scripts
 
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+
+class HiredisPackConnection(Connection):
+    """redis-py's asyncio connection packs every command in Python; with
+    hiredis installed (it is, for parsing) redis-py's own C-backed serializer
+    gives the same bytes several times faster. Measured in the bench profile:
+    packing was most of the client's CPU per reservation batch and per
+    drained row."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
+        return packed
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +61,7 @@ def redis_client(settings: Settings) -> RedisClient:
         )
     return Redis.from_url(
         settings.redis_url,
+        connection_class=HiredisPackConnection if HIREDIS_AVAILABLE else Connection,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=10,
