@@ -48,6 +48,8 @@ chaos: venv servers
 	$(BIN)/pytest -q -m chaos tests/chaos
 
 bench: venv servers
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	bash bench/ensure-wrk.sh
 	$(BIN)/python -m bench.run
 
 loadtest: venv servers
