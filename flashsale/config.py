@@ -88,6 +88,7 @@ class Settings:
     rate_user_per_s: float = 10.0
     rate_user_burst: float = 20.0
     rate_global_per_s: float = 0.0
+    rate_limited_delay_s: float = 1.0  # a buyer's 429 is held this long (admission.py)
     body_max_bytes: int = 16 * 1024
     quantity_max: int = 1_000_000
     redis_timeout_s: float = 2.0
@@ -162,6 +163,8 @@ class Settings:
             rate_user_per_s=_int(env, "FLASHSALE_RATE_USER_PER_S", 10, 0, 1_000_000),
             rate_user_burst=_int(env, "FLASHSALE_RATE_USER_BURST", 20, 1, 1_000_000),
             rate_global_per_s=_int(env, "FLASHSALE_RATE_GLOBAL_PER_S", 0, 0, 10_000_000),
+            rate_limited_delay_s=_int(env, "FLASHSALE_RATE_LIMITED_DELAY_MS", 1000, 0, 10_000)
+            / 1000,
             consumer_claim_idle_ms=_int(
                 env, "FLASHSALE_CONSUMER_CLAIM_IDLE_MS", 5_000, 100, 3_600_000
             ),

@@ -133,7 +133,10 @@ class Reserver:
         item = _Item(user_id, quantity, idempotency_key, loop.create_future())
         lane.waiting.append(item)
         self._schedule(sale_id, lane)
-        return await item.future
+        try:
+            return await item.future
+        finally:  # a refusal raised here: no frame -> item -> future -> exc -> frame cycle
+            del item
 
     def _schedule(self, sale_id: str, lane: _Lane) -> None:
         if not lane.scheduled and lane.waiting and lane.inflight < self._inflight_max:
@@ -189,8 +192,8 @@ class Reserver:
             code, detail = int(results[2 * i]), _decode(results[2 * i + 1])
             try:
                 item.future.set_result(_outcome(sale_id, item, code, detail))
-            except errors.FlashsaleError as exc:
-                item.future.set_exception(exc)
+            except errors.FlashsaleError as exc:  # without this frame: no cycle, no GC work
+                item.future.set_exception(exc.with_traceback(None))
 
     async def _call(self, sale_id: str, items: list[_Item]) -> list[Any]:
         b = self._b

@@ -40,6 +40,7 @@ def test_settings(redis_url: str, database_url: str, **overrides: Any) -> Settin
         consumer_block_ms=50,
         pg_pool_max=20,
         rate_user_per_s=0.0,  # tests fire many requests per buyer; test_admission enables it
+        rate_limited_delay_s=0.0,  # 429s at once (the tarpit is measured in tests/chaos)
     )
     return replace(base, **overrides)
 

@@ -115,6 +115,7 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     app[ADMISSION] = Admission(
         user_rate_per_s=settings.rate_user_per_s, user_burst=settings.rate_user_burst,
         global_rate_per_s=settings.rate_global_per_s,
+        limited_delay_s=settings.rate_limited_delay_s,
     )
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_workers_ctx(workers or Workers()))

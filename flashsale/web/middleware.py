@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
-from flashsale.web.keys import METRICS
+from flashsale.web.keys import ADMISSION, METRICS
 
 log = logging.getLogger("flashsale.web")
 
@@ -69,6 +69,9 @@ _UNAVAILABLE = (
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         resp = await handler(request)
+    except errors.RateLimited as exc:
+        await request.app[ADMISSION].hold(exc)  # a buyer over their limit waits (tarpit)
+        resp = from_domain(exc)
     except errors.FlashsaleError as exc:
         resp = from_domain(exc)
     except web.HTTPException as exc:
