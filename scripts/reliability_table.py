@@ -169,6 +169,22 @@ ROWS: list[Row] = [
         _chaos("test_kill_cycles.py"),
     ),
     Row(
+        "test_appendfsync_always_cost", "faults",
+        "The price of a zero loss window (AOF `always`)",
+        "the same front against a dedicated Redis with `appendfsync everysec` and "
+        "`always`: a burst of 4,000 reservations (200 buyers at once), then 300 one by one",
+        lambda f: _join(
+            f"burst {_n((f.get('everysec') or {}).get('burst_per_s'))}/s → "
+            f"{_n((f.get('always') or {}).get('burst_per_s'))}/s "
+            f"(**×{f.get('burst_throughput_ratio')}**)",
+            f"one at a time: p50 {_n((f.get('everysec') or {}).get('sequential_p50_ms'))} → "
+            f"{_n((f.get('always') or {}).get('sequential_p50_ms'))} ms "
+            f"(**+{f.get('sequential_p50_added_ms')} ms**)",
+            "every key accepted once in both",
+        ),
+        _chaos("test_fault_aof_cost.py"),
+    ),
+    Row(
         "test_scalper_gets_the_limit_and_calm_buyers_keep_their_p99", "abuse",
         "Scalper: 200 concurrent requests",
         "one buyer on 200 connections hammering with fresh keys (never honouring "

@@ -276,13 +276,16 @@ class DurableRedis:
     AOF fsynced on every write: a restart keeps every acknowledged write and
     comes back with an EMPTY script cache (NOSCRIPT for every EVALSHA)."""
 
-    def __init__(self, data_dir: Path, *, persistent: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, *, persistent: bool = True, appendfsync: str = "always"
+    ) -> None:
         from flashsale.embedded import find_redis_server, free_port
 
         self.binary = find_redis_server()
         self.dir = data_dir
         self.port = free_port()
         self.persistent = persistent
+        self.appendfsync = appendfsync
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
@@ -298,7 +301,7 @@ class DurableRedis:
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         persistence = (
-            ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+            ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
             if self.persistent else ["--appendonly", "no", "--save", ""]
         )
         with (self.dir / "redis.log").open("ab") as log:
