@@ -21,10 +21,10 @@ from typing import Any
 from bench import procs
 from bench.lab import Lab
 from bench.targets import Check
-from flashsale import errors, ledger, sales
+from flashsale import ledger, sales
 from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
-from flashsale.reserve import Reserver
+from flashsale.reserve import Accepted, Reserver
 
 CHUNK = 2_000
 POLL_S = 0.01
@@ -86,11 +86,8 @@ async def _backlog(b: Backends, orders: int, run: int) -> tuple[str, int]:
     accepted = 0
 
     async def one(i: int) -> bool:
-        try:
-            await reserver.reserve(sale_id, f"d{run}-{i}", 1, f"drain-{run}-{i}")
-        except errors.SoldOut:
-            return False
-        return True
+        result = await reserver.reserve(sale_id, f"d{run}-{i}", 1, f"drain-{run}-{i}")
+        return isinstance(result, Accepted)
 
     for start in range(0, attempts, CHUNK):
         done = await asyncio.gather(*(one(i) for i in range(start, min(attempts, start + CHUNK))))

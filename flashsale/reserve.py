@@ -61,7 +61,7 @@ class _Item:
     user_id: str
     quantity: int
     idempotency_key: str | None
-    future: asyncio.Future[Accepted]
+    future: asyncio.Future[Outcome]
     order_id: str = field(default="")
 
 
@@ -78,16 +78,33 @@ def _accepted(sale_id: str, user_id: str, detail: str, replay: bool) -> Accepted
     return Accepted(order_id, sale_id, user_id, int(qty), int(amount), int(expires), replay)
 
 
-def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Accepted:
-    """Map one script result to an Accepted, or raise its typed error."""
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A decided refusal (sold out, limit, not active, key reused, no sale).
+
+    A value, not an exception: refusals are most answers in a flash sale, and
+    raising one per request costs a traceback and frame cycles for the GC.
+    """
+
+    error: type[errors.FlashsaleError]
+    replay: bool
+
+
+Outcome = Accepted | Refused
+_REFUSED = {code: Refused(cls, replay=False) for code, cls in RESERVE_ERRORS.items()}
+_REFUSED_REPLAY = {code: Refused(cls, replay=True) for code, cls in RESERVE_ERRORS.items()}
+
+
+def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
+    """Map one script result (see lua/reserve_batch.lua) to its outcome."""
     if code == ACCEPTED:
         return _accepted(sale_id, item.user_id, detail, replay=False)
     if code == REPLAY:
         _fp, stored_code, stored_detail = detail.split("\n", 2)
         if int(stored_code) == ACCEPTED:
             return _accepted(sale_id, item.user_id, stored_detail, replay=True)
-        raise RESERVE_ERRORS[int(stored_code)]()
-    raise RESERVE_ERRORS[code]()
+        return _REFUSED_REPLAY[int(stored_code)]
+    return _REFUSED[code]
 
 
 @dataclass(slots=True)
@@ -123,7 +140,7 @@ class Reserver:
 
     async def reserve(
         self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None
-    ) -> Accepted:
+    ) -> Outcome:
         lane = self._lanes.get(sale_id)
         if lane is None:
             lane = self._lanes[sale_id] = _Lane()
@@ -190,10 +207,7 @@ class Reserver:
             if item.future.done():
                 continue
             code, detail = int(results[2 * i]), _decode(results[2 * i + 1])
-            try:
-                item.future.set_result(_outcome(sale_id, item, code, detail))
-            except errors.FlashsaleError as exc:  # without this frame: no cycle, no GC work
-                item.future.set_exception(exc.with_traceback(None))
+            item.future.set_result(_outcome(sale_id, item, code, detail))
 
     async def _call(self, sale_id: str, items: list[_Item]) -> list[Any]:
         b = self._b

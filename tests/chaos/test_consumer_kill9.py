@@ -29,7 +29,7 @@ from flashsale.backends import Backends
 from flashsale.config import Settings
 from flashsale.metrics import Metrics
 from flashsale.persist import Entry, Persister, persist_batch
-from flashsale.reserve import Reserver
+from flashsale.reserve import Accepted, Reserver
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import (
     HOLDING,
@@ -265,6 +265,7 @@ async def test_exhausted_entries_of_crashed_consumers_are_persisted_alone(
             assert status == 202, body
             good.append(body["order_id"])
         bad = await Reserver(direct).reserve(sid, "x" * 65, 1, "bad")  # CHECK refuses it
+        assert isinstance(bad, Accepted), bad
         k = direct.keys(sid)
         got: Any = await direct.redis.xreadgroup(s.consumer_group, "crashed", {k.stream: ">"})
         ids = [eid for eid, _f in got[0][1]]

@@ -27,7 +27,7 @@ from flashsale.backends import Backends
 from flashsale.config import Settings
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
-from flashsale.reserve import Reserver
+from flashsale.reserve import Accepted, Reserver
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import audit
 from tests.support import Api, eventually, running_app
@@ -110,6 +110,7 @@ async def _malformed_and_failing(api: Api, b: Backends, figures: Figures) -> Non
     # a real reservation (the real script, a real hold) that PostgreSQL refuses
     # forever: a buyer id longer than orders.user_id's CHECK (1..64) allows
     poison = await Reserver(b).reserve(sid, "p" * 65, 2, "poison")
+    assert isinstance(poison, Accepted), poison
     after = await _reserve_many(api, sid, "late", 10)
 
     m = Metrics()
