@@ -178,6 +178,7 @@ async def test_lost_reply_retry_same_key_one_reservation(
 
     verdict.assert_valid()  # lost, duplicated, unexpected 0; ledger, holds, stream
     assert buyers.unresolved() == [], "a key ended without a decided outcome"
+    assert buyers.server_errors_not_503() == 0 and buyers.missing_retry_after() == 0
     assert not buyers.mismatched(), "a retried key got another order id"
     assert not multi and not wrong and not phantom, (multi, wrong, phantom)
     assert sum(len(v) for v in per_key.values()) == len(accepted) + verdict.explained_by_unknown

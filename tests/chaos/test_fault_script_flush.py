@@ -150,6 +150,7 @@ async def test_script_cache_flushed_mid_burst_no_double_execution(
     )
 
     assert buyers.unresolved() == [] and not buyers.mismatched()
+    assert buyers.server_errors_not_503() == 0 and buyers.missing_retry_after() == 0
     assert not multi and not wrong and not refused_with_order, (multi, wrong, refused_with_order)
     assert len(a.rows) == len(accepted) == a.holds == users_held, "a reservation ran twice"
     assert len(accepted) == STOCK, "the sale sells out exactly"
