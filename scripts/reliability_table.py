@@ -179,7 +179,7 @@ ROWS: list[Row] = [
             f"(**×{f.get('burst_throughput_ratio')}**)",
             f"one at a time: p50 {_n((f.get('everysec') or {}).get('sequential_p50_ms'))} → "
             f"{_n((f.get('always') or {}).get('sequential_p50_ms'))} ms "
-            f"(**+{f.get('sequential_p50_added_ms')} ms**)",
+            f"(**{float(f.get('sequential_p50_added_ms') or 0):+.1f} ms**)",
             "every key accepted once in both",
         ),
         _chaos("test_fault_aof_cost.py"),
