@@ -9,19 +9,15 @@ test (tests/support.test_settings).
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
-from flashsale import migrate
 from flashsale.config import Settings
-from tests.support import Api, running_app, test_settings
+from tests.support import Api, fresh_database, running_app, test_settings
 
 
 @pytest.fixture(scope="session")
@@ -44,33 +40,11 @@ def server_urls() -> Iterator[tuple[str, str]]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + name))
-
-
 @pytest.fixture(scope="session")
 async def database_url(server_urls: tuple[str, str]) -> AsyncIterator[str]:
     """A fresh, migrated database for this test run, dropped afterwards."""
-    admin_dsn = server_urls[1]
-    name = "flashsale_test_" + secrets.token_hex(4)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = _with_database(admin_dsn, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate.migrate(conn)
-    finally:
-        await conn.close()
-    yield dsn
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with fresh_database(server_urls[1], "flashsale_test") as dsn:
+        yield dsn
 
 
 @pytest.fixture

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import orjson
 from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestServer
 
-from flashsale import auth
+from flashsale import auth, migrate
 from flashsale.backends import Backends
 from flashsale.compensate import Compensator
 from flashsale.config import Settings
@@ -123,6 +125,40 @@ class Api:
 
     async def compensate(self) -> int:
         return await Compensator(self.backends, Metrics()).step()
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The same DSN, naming another database."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
+
+
+@asynccontextmanager
+async def fresh_database(
+    admin_dsn: str, prefix: str = "flashsale_test", *, migrated: bool = True
+) -> AsyncIterator[str]:
+    """A new database (migrated unless told otherwise) created through the admin
+    DSN, dropped afterwards; yields its DSN."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    dsn = with_database(admin_dsn, name)
+    try:
+        if migrated:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await migrate.migrate(conn)
+            finally:
+                await conn.close()
+        yield dsn
+    finally:
+        conn = await asyncpg.connect(admin_dsn)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
 
 
 @asynccontextmanager

@@ -9,21 +9,17 @@ under the wrong key prefix.
 from __future__ import annotations
 
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
-from flashsale import migrate
 from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
 from tests.chaos.harness import Services, utc_now, write_figures
-from tests.conftest import _with_database
-from tests.support import test_settings
+from tests.support import fresh_database, test_settings
 
 _OUTCOME = pytest.StashKey[str]()
 
@@ -39,25 +35,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 @pytest.fixture
 async def chaos_database_url(server_urls: tuple[str, str]) -> AsyncIterator[str]:
     """A fresh, migrated database for this test only, dropped afterwards."""
-    admin_dsn = server_urls[1]
-    name = "flashsale_chaos_" + secrets.token_hex(4)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = _with_database(admin_dsn, name)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate.migrate(conn)
-    finally:
-        await conn.close()
-    yield dsn
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with fresh_database(server_urls[1], "flashsale_chaos") as dsn:
+        yield dsn
 
 
 @pytest.fixture

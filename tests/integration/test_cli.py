@@ -24,13 +24,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import jwt
 import orjson
 import pytest
 from aiohttp import ClientSession, ClientTimeout
+
+from tests.support import fresh_database, with_database
 
 REPO = Path(__file__).resolve().parents[2]
 ANNOUNCE = re.compile(r"flashsale is up at (http://\S+)")
@@ -62,10 +63,6 @@ def run_cli(args: list[str], env: Mapping[str, str], timeout_s: float = 60.0
         [*flashsale_cmd(), *args], env=dict(env), cwd=REPO, capture_output=True, text=True,
         timeout=timeout_s, stdin=subprocess.DEVNULL,
     )
-
-
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
 # -- processes -----------------------------------------------------------------
@@ -351,16 +348,8 @@ async def test_up_with_embedded_servers(data_dir: Path) -> None:
 
 
 async def test_migrate_twice_is_idempotent(server_urls: tuple[str, str]) -> None:
-    admin_dsn = server_urls[1]
-    name = "flashsale_cli_migrate_" + secrets.token_hex(4)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = _with_database(admin_dsn, name)
-    env = clean_env(FLASHSALE_REDIS_URL=server_urls[0], FLASHSALE_DATABASE_URL=dsn)
-    try:
+    async with fresh_database(server_urls[1], "flashsale_cli_migrate", migrated=False) as dsn:
+        env = clean_env(FLASHSALE_REDIS_URL=server_urls[0], FLASHSALE_DATABASE_URL=dsn)
         first = run_cli(["migrate"], env)
         assert first.returncode == 0, first.stderr
         assert "applied 0001_core" in first.stdout
@@ -375,12 +364,6 @@ async def test_migrate_twice_is_idempotent(server_urls: tuple[str, str]) -> None
         versions = [r["version"] for r in rows]
         assert versions == sorted(set(versions)) and versions[0] == 1
         assert len(versions) == len(re.findall(r"^applied ", first.stdout, re.MULTILINE))
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
 
 
 def test_token_with_given_secret_verifies() -> None:
@@ -444,7 +427,7 @@ def _closed_port() -> int:
 async def test_unreachable_or_refusing_servers_are_a_message_not_a_traceback(
     server_urls: tuple[str, str], database_url: str
 ) -> None:
-    missing_db = _with_database(server_urls[1], "flashsale_no_such_db_" + secrets.token_hex(3))
+    missing_db = with_database(server_urls[1], "flashsale_no_such_db_" + secrets.token_hex(3))
     dead_redis = f"redis://127.0.0.1:{_closed_port()}/0"
     sale_id = "sl_" + secrets.token_hex(6)
     conn = await asyncpg.connect(database_url)

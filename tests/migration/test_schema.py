@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from flashsale import migrate
+from tests.support import fresh_database as support_fresh_database
 
 TZ = "timestamp with time zone"
 
@@ -326,27 +326,9 @@ async def actual_schema(conn: asyncpg.Connection[asyncpg.Record]) -> dict[str, T
 # -- a fresh, empty database per test ------------------------------------------------
 
 
-def _with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
-
-
-@asynccontextmanager
-async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
+def fresh_database(admin_dsn: str) -> AbstractAsyncContextManager[str]:
     """An empty database, created through the admin DSN and dropped afterwards."""
-    name = "flashsale_schema_" + secrets.token_hex(4)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    try:
-        yield _with_database(admin_dsn, name)
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    return support_fresh_database(admin_dsn, "flashsale_schema", migrated=False)
 
 
 @pytest.fixture
