@@ -3,35 +3,45 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.flashsale-installed
+RUNTIME_STAMP := $(VENV)/.flashsale-runtime
 
 export PY VENV
 
 .DEFAULT_GOAL := help
-.PHONY: help venv servers run test lint typecheck chaos bench loadtest clean
+.PHONY: help venv venv-runtime servers run test lint typecheck chaos bench loadtest clean
 
 help:
 	@echo "make run        start Redis, PostgreSQL, HTTP API, consumer and compensator (flashsale up)"
 	@echo "make test       lint, typecheck and the whole test suite against real servers"
 	@echo "make lint | typecheck | chaos | bench | loadtest | clean"
 
-# The venv is (re)installed only when pyproject.toml is newer than the stamp.
+# The venv is (re)installed only when pyproject.toml is newer than a stamp:
+# `make run` needs the package alone (a fresh clone is serving sooner), `make
+# test` the dev extras too.
 venv: $(STAMP)
+venv-runtime: $(RUNTIME_STAMP)
 
-$(STAMP): pyproject.toml
-	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || { rm -rf $(VENV); \
+$(BIN)/python:
+	@$(PY) -m venv $(VENV) || { rm -rf $(VENV); \
 		echo "could not create $(VENV) with $(PY) (Debian: apt-get install python3-venv)" >&2; \
 		exit 1; }
-	$(BIN)/python -m pip install -q -e '.[dev]'
+
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
 	@touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@ $(RUNTIME_STAMP)
 
 # Server binaries for the embedded Redis/PostgreSQL; skipped for a server whose
 # URL (FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL) is set.
-servers: venv
+servers: venv-runtime
 	@if [ -z "$$FLASHSALE_REDIS_URL" ] || [ -z "$$FLASHSALE_DATABASE_URL" ]; then \
 		bash scripts/ensure-servers.sh; \
 	fi
 
-run: venv servers
+run: venv-runtime servers
 	$(BIN)/flashsale up
 
 # Lint and typecheck first; any failure stops here with a non-zero status.
