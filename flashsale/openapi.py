@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final, Literal
 
+from flashsale import sales, validate
+
 JSONObject = dict[str, Any]
 Auth = Literal["admin", "buyer", "public"]
 
@@ -18,15 +20,15 @@ API_VERSION: Final = "1.0.0"
 
 # Input bounds stated by the contract, plus the upper bounds we choose to enforce.
 ID_PATTERN: Final = r"^[A-Za-z0-9_.-]{1,80}$"
-IDEMPOTENCY_KEY_PATTERN: Final = r"^[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?$"
+IDEMPOTENCY_KEY_PATTERN: Final = validate.IDEMPOTENCY_KEY_RE.pattern  # one source of truth
 ERROR_CODE_PATTERN: Final = r"^[a-z][a-z0-9_]*$"
 SIGNATURE_PATTERN: Final = r"^t=[0-9]+,v1=[0-9a-fA-F]{64}$"
 MAX_BODY_BYTES: Final = 16 * 1024
 MAX_QUANTITY: Final = 1_000_000
-MAX_PRICE_CENTS: Final = 1_000_000_000
-MAX_STOCK: Final = 1_000_000_000
-MAX_PER_USER_LIMIT: Final = 1_000_000
-MAX_HOLD_SECONDS: Final = 30 * 86_400
+MAX_PRICE_CENTS: Final = sales.PRICE_MAX
+MAX_STOCK: Final = sales.STOCK_MAX
+MAX_PER_USER_LIMIT: Final = sales.LIMIT_MAX
+MAX_HOLD_SECONDS: Final = sales.HOLD_MAX_S
 CONTROL_CHARACTER: Final = r"[\x00-\x1f\x7f]"
 SKU_MAX_LENGTH: Final = 64
 NAME_MAX_LENGTH: Final = 200
