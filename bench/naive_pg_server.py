@@ -18,7 +18,6 @@ answers the first order again. Its tables live in their own schema.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
 from datetime import UTC, datetime, timedelta
@@ -29,7 +28,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from bench.echo_server import AUTH, BODY_MAX, ORDER_FIELDS, QUANTITY_MAX, _error
+from bench.echo_server import AUTH, BODY_MAX, ORDER_FIELDS, QUANTITY_MAX, _error, serve
 from flashsale import errors, validate
 from flashsale.auth import Authenticator
 from flashsale.reserve import new_order_id
@@ -203,17 +202,6 @@ def create_app(jwt_secret: str, admin_token: str, dsn: str, pool_size: int) -> w
     app.router.add_post("/api/v1/sales/{sale_id}/orders", create_order)
     app.router.add_get("/healthz", healthz)
     return app
-
-
-async def serve(host: str, port: int, app: web.Application) -> None:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_port=True, backlog=4096)
-    await site.start()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
 
 
 def main() -> None:

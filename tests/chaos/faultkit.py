@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import json
 import math
-import socket
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -32,7 +30,7 @@ from flashsale.backends import Backends
 from flashsale.ledger import ledger
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
-from tests.chaos.harness import _die_with_parent, wait_drained
+from tests.chaos.harness import RedisServer, wait_drained
 from tests.chaos.history import History
 from tests.support import JWT_SECRET
 
@@ -271,63 +269,24 @@ class Buyers:
 # ---------------------------------------------------------------------------
 
 
-class DurableRedis:
+class DurableRedis(RedisServer):
     """A dedicated redis-server child (never the machine's shared one) with an
     AOF fsynced on every write: a restart keeps every acknowledged write and
     comes back with an EMPTY script cache (NOSCRIPT for every EVALSHA)."""
 
+    start_timeout_s = 15.0
+
     def __init__(
         self, data_dir: Path, *, persistent: bool = True, appendfsync: str = "always"
     ) -> None:
-        from flashsale.embedded import find_redis_server, free_port
-
-        self.binary = find_redis_server()
-        self.dir = data_dir
-        self.port = free_port()
+        super().__init__(data_dir)
         self.persistent = persistent
         self.appendfsync = appendfsync
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.restarts = 0
 
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        persistence = (
-            ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
-            if self.persistent else ["--appendonly", "no", "--save", ""]
-        )
-        with (self.dir / "redis.log").open("ab") as log:
-            self.proc = subprocess.Popen(
-                [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-                 *persistence, "--dir", str(self.dir), "--daemonize", "no"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
-            )
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+    def persistence_args(self) -> list[str]:
+        if not self.persistent:
+            return super().persistence_args()
+        return ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
 
     def restart(self) -> float:
         """kill -9 and start again on the same port; seconds it was down."""

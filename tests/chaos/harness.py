@@ -212,21 +212,30 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
 
+    start_timeout_s = 10.0
+
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def persistence_args(self) -> list[str]:
+        return ["--save", "", "--appendonly", "no"]
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         with (self.dir / "redis.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-                 "--save", "", "--appendonly", "no", "--dir", str(self.dir),
-                 "--daemonize", "no"],
+                 *self.persistence_args(), "--dir", str(self.dir), "--daemonize", "no"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
             )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + self.start_timeout_s
         while True:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
