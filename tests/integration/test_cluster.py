@@ -4,6 +4,7 @@ shares its hash tag. A real 3-node cluster of child redis-servers."""
 from __future__ import annotations
 
 import asyncio
+import random
 import shutil
 import socket
 import subprocess
@@ -22,12 +23,27 @@ from tests.support import Api, running_app, test_settings
 
 NODES = 3
 SLOTS = 16384
+BUS_OFFSET = 10_000
+BUS_PORT_MAX = 65_535 - BUS_OFFSET
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port whose cluster bus port (port + 10000) is free too: Redis
+    Cluster refuses ports above 55535 (measured: kernel-chosen ports above it
+    made nodes exit at start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port > BUS_PORT_MAX:
+            port = random.randint(20_000, BUS_PORT_MAX)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + BUS_OFFSET))
+        except OSError:
+            continue
+        return port
 
 
 def _cmd(client: Redis, *args: str | int) -> Any:
