@@ -21,7 +21,7 @@ from flashsale.config import ConfigError, Settings
 from flashsale.events import Notifier
 from flashsale.integrations import Integrations
 from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.persist import run_consumers
 from flashsale.saga import SagaRunner
 from flashsale.web.app import Workers, _periodic_rebuild, create_app
 
@@ -170,7 +170,7 @@ async def _loop(s: Settings, which: str) -> int:
     async with open_backends(s) as b:
         m = Metrics()
         if which == "consumer":
-            await Persister(b, m).run(stop)
+            await run_consumers(b, m, stop)
         else:
             app = web.Application()
             from flashsale.web.keys import BACKENDS

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +33,7 @@ log = logging.getLogger("flashsale.compensate")
 
 HOLDING = ("awaiting_payment",)
 OUTBOX_GRACE_S = 1.0
+RELEASE_CHUNK = 500  # order ids per release script call
 
 _RELEASE = """
 WITH o AS (
@@ -77,7 +80,9 @@ _RELEASE_UNPERSISTED = """
 WITH o AS (
     INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
                         idempotency_key, created_at, expires_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    SELECT o, s, u, q, a, $6, k, to_timestamp(c::float8 / 1000), to_timestamp(e::float8 / 1000)
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $7::text[],
+                $8::bigint[], $9::bigint[]) AS t(o, s, u, q, a, k, c, e)
     ON CONFLICT DO NOTHING
     RETURNING order_id, sale_id, quantity
 ), r AS (
@@ -113,11 +118,24 @@ async def release_unpersisted(
     """Step 1 for an order not yet persisted: insert it already released (with
     its release row). The consumer's later insert then does nothing, so the
     order never counts as sold. False when the order row exists already."""
-    inserted = await b.pg.fetchval(
-        _RELEASE_UNPERSISTED, o.order_id, o.sale_id, o.user_id, o.quantity, o.amount_cents,
-        reason, o.idempotency_key, _ts(o.created_ms), _ts(o.expires_ms), actor, detail,
+    return bool(await release_many_unpersisted(b, [o], reason, actor, detail))
+
+
+async def release_many_unpersisted(
+    b: Backends, orders: Sequence[Unpersisted], reason: str, actor: str, detail: str
+) -> set[str]:
+    """release_unpersisted for many orders in one statement; returns the ids
+    inserted (the others had a row already)."""
+    if not orders:
+        return set()
+    rows = await b.pg.fetch(
+        _RELEASE_UNPERSISTED,
+        [o.order_id for o in orders], [o.sale_id for o in orders],
+        [o.user_id for o in orders], [o.quantity for o in orders],
+        [o.amount_cents for o in orders], reason, [o.idempotency_key for o in orders],
+        [o.created_ms for o in orders], [o.expires_ms for o in orders], actor, detail,
     )
-    return inserted is not None
+    return {r["order_id"] for r in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,20 +146,42 @@ class Released:
 
 
 async def release_in_redis(b: Backends, order_id: str, sale_id: str) -> int:
-    """Step 2: return the stock in Redis (guarded), then close the outbox row.
-    A sale missing in Redis (-1) leaves the row open, for after the rebuild."""
-    k = b.keys(sale_id)
-    qty = int(await b.scripts.release(keys=[k.sale, k.users, k.holds], args=[order_id]))
-    if qty < 0:
-        return qty
-    await b.pg.execute(
-        "UPDATE releases SET redis_released_at = now() "
-        "WHERE order_id = $1 AND redis_released_at IS NULL",
-        order_id,
-    )
-    if qty > 0:  # the stock went back just now (once per order): tell the subscribers
-        await events.publish_released(b, order_id, sale_id, qty)
-    return qty
+    """Step 2 for one order; see release_many_in_redis."""
+    return (await release_many_in_redis(b, [(order_id, sale_id)]))[order_id]
+
+
+async def release_many_in_redis(
+    b: Backends, orders: Sequence[tuple[str, str]]
+) -> dict[str, int]:
+    """Step 2 for (order_id, sale_id) pairs: return the stock in Redis (guarded,
+    one ``release`` call per sale and chunk), then close their outbox rows in
+    one statement and announce what went back. Returns order id -> quantity
+    released (0: nothing held; -1: the sale is missing in Redis, so the row
+    stays open for after the rebuild)."""
+    per_sale: dict[str, list[str]] = defaultdict(list)
+    for order_id, sale_id in orders:
+        per_sale[sale_id].append(order_id)
+    out: dict[str, int] = {}
+    returned: list[tuple[str, str, int]] = []
+    for sale_id, ids in per_sale.items():
+        k = b.keys(sale_id)
+        for i in range(0, len(ids), RELEASE_CHUNK):
+            chunk = ids[i:i + RELEASE_CHUNK]
+            qtys = await b.scripts.release(keys=[k.sale, k.users, k.holds], args=chunk)
+            for order_id, raw in zip(chunk, qtys, strict=True):
+                qty = out[order_id] = int(raw)
+                if qty > 0:
+                    returned.append((order_id, sale_id, qty))
+    done = [order_id for order_id, qty in out.items() if qty >= 0]
+    if done:
+        await b.pg.execute(
+            "UPDATE releases SET redis_released_at = now() "
+            "WHERE order_id = ANY($1::text[]) AND redis_released_at IS NULL",
+            done,
+        )
+    if returned:  # the stock went back just now (once per order): tell the subscribers
+        await events.publish_released(b, returned)
+    return out
 
 
 async def release(
@@ -184,61 +224,88 @@ class Compensator:
         self._b = backends
         self._m = metrics
         self.name = name
+        self._done = 0
+        self._unpersisted_cursor: dict[str, str] = {}  # sale id -> XRANGE start
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self._b.settings.compensator_interval_s
         while not stop.is_set():
+            backlog = False
             try:
-                await self.step()
+                backlog = await self._round()
             except Exception as exc:  # the loop must outlive any failure; bounded backoff
                 log.warning("compensator step failed: %r", exc)
+            if backlog:  # a full batch: more is due now (mass expiry after a spike)
+                await asyncio.sleep(0)
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
     async def step(self) -> int:
         """One bounded round; returns the number of releases finished in Redis."""
-        expired = await self.expire_due() + await self.expire_unpersisted()
+        self._done = 0
+        await self._round()
+        return self._done
+
+    async def _round(self) -> bool:
+        """One bounded round; True when a batch came back full (work is left)."""
+        full = self._b.settings.compensator_batch_max
+        expired = await self.expire_due()
+        unpersisted = await self.expire_unpersisted()
         swept = await self.sweep_outbox()
-        await self.sweep_restocks()
-        return expired + swept
+        restocked = await self.sweep_restocks()
+        self._done = expired + unpersisted + swept
+        return max(expired, swept, restocked) >= full or bool(self._unpersisted_cursor)
 
     async def expire_due(self) -> int:
+        """Holds past expiry: one statement expires a batch in PostgreSQL (with
+        their release rows), then one release call per sale returns the stock."""
         rows = await self._b.pg.fetch(
             _EXPIRE_DUE, self._b.settings.compensator_batch_max, self.name
         )
-        for row in rows:
-            await release_in_redis(self._b, row["order_id"], row["sale_id"])
+        await release_many_in_redis(self._b, [(r["order_id"], r["sale_id"]) for r in rows])
         if rows:
             self._m.releases.labels("expired").inc(len(rows))
         return len(rows)
 
     async def expire_unpersisted(self) -> int:
         """Holds past expiry still in a sale's stream (the consumer is down or
-        behind): recorded expired in PostgreSQL, then released. Stream ids are
-        times, so only entries older than the sale's hold are read."""
+        behind): recorded expired in PostgreSQL, then released, a batch per
+        sale at a time. Stream ids are times, so only entries older than the
+        sale's hold are read, from a cursor past what earlier rounds handled
+        (the entries stay in the stream until the consumer acks them)."""
         b = self._b
         now_ms = int(time.time() * 1000)
         sales_ = await b.pg.fetch("SELECT sale_id, hold_seconds FROM sales")
         if not sales_:
             return 0
+        count = b.settings.compensator_batch_max
         async with b.redis.pipeline(transaction=False) as pipe:
             for r in sales_:
                 cutoff = now_ms - r["hold_seconds"] * 1000
-                pipe.xrange(b.keys(r["sale_id"]).stream, "-", str(max(cutoff, 0)),
-                            count=b.settings.compensator_batch_max)
+                start = self._unpersisted_cursor.get(r["sale_id"], "-")
+                pipe.xrange(b.keys(r["sale_id"]).stream, start, str(max(cutoff, 0)), count=count)
             found: list[Any] = await pipe.execute()
-        done = 0
+        done: list[tuple[str, str]] = []
         for r, entries in zip(sales_, found, strict=True):
+            due: list[Unpersisted] = []
             for _entry_id, fields in entries:
                 o = _unpersisted(r["sale_id"], fields)
                 if o is None or o.expires_ms > now_ms:
                     continue  # unreadable entries are the consumer's to dead-letter
-                detail = "expired before persisted"
-                if await release_unpersisted(b, o, "expired", self.name, detail):
-                    await release_in_redis(b, o.order_id, o.sale_id)
-                    self._m.releases.labels("expired").inc()
-                    done += 1
-        return done
+                due.append(o)
+            if len(entries) == count:  # more may be due: go on after the last one read
+                self._unpersisted_cursor[r["sale_id"]] = "(" + _text(entries[-1][0])
+            else:
+                self._unpersisted_cursor.pop(r["sale_id"], None)
+            inserted = await release_many_unpersisted(
+                b, due, "expired", self.name, "expired before persisted"
+            )
+            done += [(o.order_id, o.sale_id) for o in due if o.order_id in inserted]
+        await release_many_in_redis(b, done)
+        if done:
+            self._m.releases.labels("expired").inc(len(done))
+        return len(done)
 
     async def sweep_outbox(self) -> int:
         rows = await self._b.pg.fetch(
@@ -246,8 +313,7 @@ class Compensator:
             "AND created_at <= now() - make_interval(secs => $1) ORDER BY created_at LIMIT $2",
             OUTBOX_GRACE_S, self._b.settings.compensator_batch_max,
         )
-        for row in rows:
-            await release_in_redis(self._b, row["order_id"], row["sale_id"])
+        await release_many_in_redis(self._b, [(r["order_id"], r["sale_id"]) for r in rows])
         return len(rows)
 
     async def sweep_restocks(self) -> int:
@@ -261,6 +327,10 @@ class Compensator:
                 self._b, row["sale_id"], row["restock_id"], row["quantity"]
             )
         return len(rows)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _unpersisted(sale_id: str, fields: dict[bytes, bytes]) -> Unpersisted | None:

@@ -96,6 +96,7 @@ class Settings:
     consumer_group: str = "persist"
     consumer_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     consumer_batch_max: int = 500
+    consumer_concurrency: int = 4  # consumers of the group per process (persist.run_consumers)
     consumer_block_ms: int = 200
     consumer_claim_idle_ms: int = 5_000
     consumer_max_deliveries: int = 5
@@ -159,6 +160,7 @@ class Settings:
             redis_appendfsync=fsync,
             idempotency_ttl_s=_int(env, "FLASHSALE_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
             consumer_batch_max=_int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
+            consumer_concurrency=_int(env, "FLASHSALE_CONSUMER_CONCURRENCY", 4, 1, 32),
             reserve_queue_max=_int(env, "FLASHSALE_RESERVE_QUEUE_MAX", 4096, 1, 1_000_000),
             rate_user_per_s=_int(env, "FLASHSALE_RATE_USER_PER_S", 10, 0, 1_000_000),
             rate_user_burst=_int(env, "FLASHSALE_RATE_USER_BURST", 20, 1, 1_000_000),

@@ -51,12 +51,24 @@ class DomainEvent:
     data: Mapping[str, str | int] = field(default_factory=dict)
 
     def fields(self) -> dict[Any, Any]:
-        out: dict[str, str] = {
-            "type": self.type, "order_id": self.order_id, "sale_id": self.sale_id,
-            "at_ms": str(int(time.time() * 1000)),
-        }
-        out.update({k: str(v) for k, v in self.data.items() if k not in out})
+        flat = self.flat(_now_ms())
+        return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+    def flat(self, at_ms: str) -> list[str | int]:
+        """field, value, field, value, ... (type, order_id, sale_id, at_ms, data)."""
+        out: list[str | int] = ["type", self.type, "order_id", self.order_id,
+                                "sale_id", self.sale_id, "at_ms", at_ms]
+        for k, v in self.data.items():
+            if k not in _BASE_FIELDS:
+                out += [k, str(v)]
         return out
+
+
+_BASE_FIELDS = frozenset(("type", "order_id", "sale_id", "at_ms"))
+
+
+def _now_ms() -> str:
+    return str(int(time.time() * 1000))
 
 
 class _Order(Protocol):
@@ -73,44 +85,67 @@ class _Order(Protocol):
 
 
 async def publish(b: Backends, events: Sequence[DomainEvent]) -> int:
-    """XADD the events in one round trip; log and swallow any failure."""
-    if not events:
+    """Append the events in one call; log and swallow any failure."""
+    at_ms = _now_ms()
+    args: list[str | int] = []
+    for ev in events:
+        flat = ev.flat(at_ms)
+        args.append(len(flat) // 2)
+        args += flat
+    return await _append(b, len(events), args)
+
+
+async def _append(b: Backends, count: int, args: list[str | int]) -> int:
+    """One publish_events call (lua/publish_events-1.lua) for ``count`` packed events."""
+    if not count:
         return 0
-    key = stream_key(b.settings.key_prefix)
     try:
-        async with b.redis.pipeline(transaction=False) as pipe:
-            for ev in events:
-                pipe.xadd(key, ev.fields(), maxlen=b.settings.events_maxlen, approximate=True)
-            await pipe.execute()
+        await b.scripts.publish_events(
+            keys=[stream_key(b.settings.key_prefix)], args=[b.settings.events_maxlen, *args],
+            client=b.redis,
+        )
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # never into the core flow
-        log.warning("could not publish %d domain event(s): %r", len(events), exc)
+        log.warning("could not publish %d domain event(s): %r", count, exc)
         return 0
-    return len(events)
+    return count
 
 
 async def publish_accepted(
     b: Backends, persisted: Iterable[_Order], failed: Iterable[_Order]
 ) -> int:
-    """After the consumer's commit: accepted for the persisted, released for the failed."""
+    """After the consumer's commit: accepted for the persisted, released for the failed.
+    Packed here without a DomainEvent per order: this runs once per drained row."""
     failed_ids = {o.order_id for o in failed}
-    out = [
-        DomainEvent("order_accepted", o.order_id, o.sale_id,
-                    {"user_id": o.user_id, "quantity": o.quantity,
-                     "amount_cents": o.amount_cents})
-        for o in persisted if o.order_id not in failed_ids
-    ]
-    return await publish(b, out)
+    at_ms = _now_ms()
+    args: list[str | int] = []
+    count = 0
+    for o in persisted:
+        if o.order_id in failed_ids:
+            continue
+        args += [7, "type", "order_accepted", "order_id", o.order_id, "sale_id", o.sale_id,
+                 "at_ms", at_ms, "user_id", o.user_id, "quantity", o.quantity,
+                 "amount_cents", o.amount_cents]
+        count += 1
+    return await _append(b, count, args)
 
 
-async def publish_released(b: Backends, order_id: str, sale_id: str, quantity: int) -> int:
-    """After a release returned the stock in Redis (once per order)."""
-    reason: Any = None
+async def publish_released(b: Backends, released: Sequence[tuple[str, str, int]]) -> int:
+    """After releases returned their stock in Redis (once per order):
+    (order_id, sale_id, quantity) each, with the reason PostgreSQL recorded."""
+    reasons: dict[str, str] = {}
     with contextlib.suppress(Exception):
-        reason = await b.pg.fetchval("SELECT reason FROM releases WHERE order_id = $1", order_id)
-    data: dict[str, str | int] = {"quantity": quantity, "reason": str(reason or "unknown")}
-    return await publish(b, [DomainEvent("order_released", order_id, sale_id, data)])
+        rows = await b.pg.fetch(
+            "SELECT order_id, reason FROM releases WHERE order_id = ANY($1::text[])",
+            [order_id for order_id, _s, _q in released],
+        )
+        reasons = {r["order_id"]: r["reason"] for r in rows}
+    return await publish(b, [
+        DomainEvent("order_released", order_id, sale_id,
+                    {"quantity": qty, "reason": reasons.get(order_id, "unknown")})
+        for order_id, sale_id, qty in released
+    ])
 
 
 # --------------------------------------------------------------------------- notifications

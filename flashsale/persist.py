@@ -14,9 +14,8 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 from redis.exceptions import ResponseError
@@ -39,8 +38,9 @@ class PoisonEntry(Exception):
     """A stream entry that cannot be parsed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """One accepted order as the stream carries it (a tuple: made once per drained row)."""
+
     sale_id: str
     entry_id: str
     order_id: str
@@ -81,9 +81,10 @@ def _ts(ms: int) -> datetime:
 _INSERT = """
 INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
                     idempotency_key, created_at, expires_at)
-SELECT o, s, u, q, a, 'awaiting_payment', k, c, e
+SELECT o, s, u, q, a, 'awaiting_payment', k,
+       to_timestamp(c::float8 / 1000), to_timestamp(e::float8 / 1000)
 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[],
-            $7::timestamptz[], $8::timestamptz[]) AS t(o, s, u, q, a, k, c, e)
+            $7::bigint[], $8::bigint[]) AS t(o, s, u, q, a, k, c, e)
 ON CONFLICT DO NOTHING
 RETURNING order_id, sale_id, quantity
 """
@@ -120,7 +121,7 @@ async def persist_batch(conn: Conn, entries: list[Entry], actor: str) -> list[En
             [e.order_id for e in entries], [e.sale_id for e in entries],
             [e.user_id for e in entries], [e.quantity for e in entries],
             [e.amount_cents for e in entries], [e.idempotency_key for e in entries],
-            [_ts(e.created_ms) for e in entries], [_ts(e.expires_ms) for e in entries],
+            [e.created_ms for e in entries], [e.expires_ms for e in entries],
         )
         per_sale: dict[str, list[Entry]] = defaultdict(list)
         for row in inserted:
@@ -452,10 +453,9 @@ class Persister:
         self._m.orders_persisted.inc(len(entries) - len(failed))
         await events.publish_accepted(self._b, entries, failed)  # best effort, never raises
         if failed:
-            from flashsale.compensate import release_in_redis
+            from flashsale.compensate import release_many_in_redis
 
-            for e in failed:
-                await release_in_redis(self._b, e.order_id, e.sale_id)
+            await release_many_in_redis(self._b, [(e.order_id, e.sale_id) for e in failed])
             self._m.orders_failed.inc(len(failed))
 
     async def _known_sales(self, sale_ids: set[str]) -> set[str]:
@@ -481,6 +481,22 @@ class Persister:
         if int(moved):
             log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
             self._m.dead_lettered.inc()
+
+
+async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Event) -> None:
+    """``consumer_concurrency`` consumers of the group in this process, named
+    ``<consumer_name>-<i>``: while one waits for its PostgreSQL commit, the
+    others read, parse and ack, so the drain is not one round trip at a time.
+    Each is a full consumer (its own reads, reclaims and pending entries), so
+    the guarantees are those of as many processes."""
+    n = backends.settings.consumer_concurrency
+    name = backends.settings.consumer_name
+    if n == 1:
+        await Persister(backends, metrics, name).run(stop)
+        return
+    await asyncio.gather(
+        *(Persister(backends, metrics, f"{name}-{i}").run(stop) for i in range(n))
+    )
 
 
 def _text(raw: bytes | str) -> str:

@@ -37,6 +37,7 @@ SCRIPT_FILES = {
     "restock": "restock-2.lua",
     "rebuild_sale": "rebuild_sale-6.lua",
     "dead_letter": "dead_letter-6.lua",
+    "publish_events": "publish_events-1.lua",
 }
 
 
@@ -49,6 +50,7 @@ class Scripts:
     restock: AsyncScript
     rebuild_sale: AsyncScript
     dead_letter: AsyncScript
+    publish_events: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:

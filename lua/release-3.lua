@@ -1,30 +1,58 @@
 --[[
-release -- return one order's held stock to the sale, at most once.
+release -- return held stock of one or more orders of ONE sale, each at most once.
 
 KEYS[1]  sale hash   <p>:{<sale>}:sale    (available)
 KEYS[2]  users hash  <p>:{<sale>}:users   user_id -> quantity held
 KEYS[3]  holds hash  <p>:{<sale>}:holds   order_id -> "<qty>:<user_id>"
-ARGV[1]  order_id
+ARGV[1..n]  order ids (the compensator releases a batch per call; n >= 1)
 
-Returns the quantity released, 0 when the order holds nothing (already
-released, never accepted, or Redis was rebuilt from PostgreSQL after the
-release committed there), or -1 when the sale is missing in Redis (lost or
-being rebuilt): nothing changes and the caller must retry after the rebuild.
+Returns an array of n integers, one per order id, in order: the quantity
+released, 0 when the order holds nothing (already released, never accepted,
+or Redis was rebuilt from PostgreSQL after the release committed there), or
+-1 for every order when the sale is missing in Redis (lost or being rebuilt):
+nothing changes and the caller must retry after the rebuild.
+Error (nothing written): "ERR malformed hold of <order_id>".
 
 Guarantee: the hold entry is the guard; it is removed in the same atomic step
 that adds the quantity back, so a release retried any number of times (a
-compensator crash, two compensators) returns stock exactly once.
+compensator crash, two compensators, an order id twice in one call) returns
+stock exactly once.
 ]]
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local hold = redis.call('HGET', KEYS[3], ARGV[1])
-if not hold then return 0 end
-local sep = string.find(hold, ':', 1, true)
-local qty = tonumber(string.sub(hold, 1, sep - 1))
-local user = string.sub(hold, sep + 1)
--- writes
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'available', qty)
-if redis.call('HINCRBY', KEYS[2], user, -qty) <= 0 then
-  redis.call('HDEL', KEYS[2], user)
+local out = {}
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 1, #ARGV do out[i] = -1 end
+  return out
 end
-return qty
+-- checks: read and parse every hold before the first write
+local qtys, users, seen = {}, {}, {}
+for i = 1, #ARGV do
+  local hold = (not seen[ARGV[i]]) and redis.call('HGET', KEYS[3], ARGV[i])
+  seen[ARGV[i]] = true
+  if hold then
+    local sep = string.find(hold, ':', 1, true)
+    local qty = sep and tonumber(string.sub(hold, 1, sep - 1))
+    if not qty then
+      return redis.error_reply('ERR malformed hold of ' .. ARGV[i])
+    end
+    qtys[i], users[i] = qty, string.sub(hold, sep + 1)
+  end
+end
+-- writes
+local returned = 0
+for i = 1, #ARGV do
+  local qty = qtys[i]
+  if qty then
+    redis.call('HDEL', KEYS[3], ARGV[i])
+    if redis.call('HINCRBY', KEYS[2], users[i], -qty) <= 0 then
+      redis.call('HDEL', KEYS[2], users[i])
+    end
+    returned = returned + qty
+    out[i] = qty
+  else
+    out[i] = 0
+  end
+end
+if returned > 0 then
+  redis.call('HINCRBY', KEYS[1], 'available', returned)
+end
+return out

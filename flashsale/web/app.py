@@ -19,7 +19,7 @@ from flashsale.compensate import Compensator
 from flashsale.config import Settings
 from flashsale.events import Notifier
 from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.persist import run_consumers
 from flashsale.reserve import Reserver
 from flashsale.saga import SagaRunner
 from flashsale.web import ops, payments, routes
@@ -86,7 +86,7 @@ def _workers_ctx(
         loops: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
         b, m = app[BACKENDS], app[METRICS]
         if workers.consumer:
-            loops.append(Persister(b, m).run)
+            loops.append(lambda ev: run_consumers(b, m, ev))
         if workers.compensator:
             loops.append(Compensator(b, m).run)
             loops.append(lambda ev: _periodic_rebuild(app, ev))

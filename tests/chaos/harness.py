@@ -80,6 +80,7 @@ def flashsale_env(settings: Settings, data_dir: Path, **extra: str) -> dict[str,
         FLASHSALE_CONSUMER_CLAIM_IDLE_MS=str(settings.consumer_claim_idle_ms),
         FLASHSALE_CONSUMER_MAX_DELIVERIES=str(settings.consumer_max_deliveries),
         FLASHSALE_CONSUMER_BATCH_MAX=str(settings.consumer_batch_max),
+        FLASHSALE_CONSUMER_CONCURRENCY=str(settings.consumer_concurrency),
         FLASHSALE_ADMIN_TOKEN=ADMIN_TOKEN,
         FLASHSALE_JWT_SECRET=JWT_SECRET,
         FLASHSALE_WEBHOOK_SECRET=WEBHOOK_SECRET,
@@ -124,9 +125,12 @@ class Service:
         return self.proc is not None and self.proc.poll() is None
 
     @property
-    def consumer_name(self) -> str:
-        """The name a consumer child uses in the consumer group (Settings default)."""
-        return f"{socket.gethostname()}-{self.pid}"
+    def consumer_names(self) -> list[str]:
+        """The names a consume child uses in the consumer group (Settings default;
+        ``-<i>`` per consumer when it runs several, see persist.run_consumers)."""
+        base = f"{socket.gethostname()}-{self.pid}"
+        n = int(self.env.get("FLASHSALE_CONSUMER_CONCURRENCY", "1"))
+        return [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
 
     def start(self) -> int:
         assert not self.alive, f"{self.name} is already running"
@@ -277,12 +281,12 @@ async def consumer_joined(b: Backends, sale_id: str, svc: Service) -> bool:
     """True once the child consumer has touched the sale's consumer group."""
     if not svc.alive:
         raise AssertionError(f"{svc.name} exited: {svc.log_tail()}")
-    name = svc.consumer_name
+    names = set(svc.consumer_names)
     try:
         info: Any = await b.redis.xinfo_consumers(b.keys(sale_id).stream, b.settings.consumer_group)
     except Exception:
         return False
-    return any(_text(c["name"]) == name for c in info)
+    return any(_text(c["name"]) in names for c in info)
 
 
 # ---------------------------------------------------------------------------

@@ -213,14 +213,16 @@ async def test_kill9_cycles_front_consumer_compensator(
             await asyncio.sleep(rnd.uniform(0.2, 0.8))  # everything at work, under load
             if victim.name in starting:  # kill a child that works, not one still starting
                 restart_s[victim.name].append(await starting.pop(victim.name))
-            dead_name = victim.consumer_name if victim is consumer else ""
+            dead_names = victim.consumer_names if victim is consumer else []
             victim.kill9()
             _start(victim, chaos_settings.database_url)
-            if dead_name:  # what the dead consumer had read and not acked
-                pend: Any = await direct.redis.xpending_range(
-                    direct.keys(sid).stream, chaos_settings.consumer_group, min="-", max="+",
-                    count=10_000, consumername=dead_name,
-                )
+            if dead_names:  # what the dead consumers had read and not acked
+                pend: list[Any] = []
+                for dead_name in dead_names:
+                    pend += await direct.redis.xpending_range(
+                        direct.keys(sid).stream, chaos_settings.consumer_group, min="-",
+                        max="+", count=10_000, consumername=dead_name,
+                    )
                 mid_work["consumer_entries_unacked_at_kill"] += len(pend)
                 mid_work["consumer_kills_mid_batch"] += bool(pend)
             elif victim is compensator:  # releases committed, not yet done in Redis

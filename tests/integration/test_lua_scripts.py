@@ -89,13 +89,38 @@ async def test_reserve_inactive_and_replay_after_end(api: Api) -> None:
 async def test_release_once(api: Api) -> None:
     b, k = api.backends, keys_of(api)
     rel = [k.sale, k.users, k.holds]
-    assert int(await b.scripts.release(keys=rel, args=["o1"])) == -1  # sale missing
+    assert await b.scripts.release(keys=rel, args=["o1", "o2"]) == [-1, -1]  # sale missing
     await load(b, k, stock=3)
     await reserve(b, k, [("o1", "u", 2, None)])
-    assert int(await b.scripts.release(keys=rel, args=["o1"])) == 2
-    assert int(await b.scripts.release(keys=rel, args=["o1"])) == 0
+    assert await b.scripts.release(keys=rel, args=["o1"]) == [2]
+    assert await b.scripts.release(keys=rel, args=["o1"]) == [0]
     assert await b.redis.hget(k.sale, "available") == b"3"
     assert await b.redis.hget(k.users, "u") is None
+
+
+async def test_release_a_batch_each_once(api: Api) -> None:
+    from redis.exceptions import ResponseError
+
+    b, k = api.backends, keys_of(api)
+    rel = [k.sale, k.users, k.holds]
+    await load(b, k, stock=10, limit=5)
+    await reserve(b, k, [("o1", "u", 2, None), ("o2", "u", 1, None), ("o3", "v", 3, None)])
+    assert await b.redis.hget(k.sale, "available") == b"4"
+    # o1 twice in one call and an unknown order: each hold returned once
+    assert await b.scripts.release(keys=rel, args=["o1", "nope", "o1", "o3"]) == [2, 0, 0, 3]
+    assert await b.redis.hget(k.sale, "available") == b"9"
+    assert await b.redis.hget(k.users, "u") == b"1"
+    assert await b.redis.hget(k.users, "v") is None
+    # a malformed hold refuses the whole call before any write
+    await b.redis.hset(k.holds, "bad", "garbage")
+    try:
+        await b.scripts.release(keys=rel, args=["o2", "bad"])
+    except ResponseError as exc:
+        assert "malformed hold of bad" in str(exc)
+    else:
+        raise AssertionError("a malformed hold was accepted")
+    assert await b.redis.hget(k.sale, "available") == b"9"
+    assert await b.redis.hexists(k.holds, "o2")
 
 
 async def test_ack_once_and_dead_letter_once(api: Api) -> None:
@@ -152,3 +177,40 @@ async def test_rebuild_only_when_missing_and_counts_every_hold(api: Api) -> None
     else:
         raise AssertionError("rebuild accepted holds above stock")
     assert await b.redis.exists(k.sale) == 0
+
+
+async def test_publish_events_in_order_and_all_or_nothing(api: Api) -> None:
+    from redis.exceptions import ResponseError
+
+    from flashsale import events
+
+    b = api.backends
+    key = events.stream_key(b.settings.key_prefix)
+    added = await b.scripts.publish_events(
+        keys=[key], args=[1000, 2, "type", "a", "order_id", "o1", 1, "type", "b"]
+    )
+    assert added == 2
+    entries: Any = await b.redis.xrange(key)
+    got = [f for _id, f in entries]
+    assert got == [{b"type": b"a", b"order_id": b"o1"}, {b"type": b"b"}]
+    bad_lists: list[list[Any]] = [
+        [0, 1, "type", "a"],                       # bad maxlen
+        [1000, 1, "type", "a", 2, "type", "b"],    # second event short of a pair
+        [1000, "x", "type", "a"],                  # count not a number
+        [1000, 0],                                 # empty event
+        [1000, 1.5, "type", "a", "b"],             # fractional count
+    ]
+    for bad in bad_lists:
+        try:
+            await b.scripts.publish_events(keys=[key], args=bad)
+        except ResponseError as exc:
+            assert "bad" in str(exc)
+        else:
+            raise AssertionError(f"accepted {bad}")
+    assert await b.redis.xlen(key) == 2  # nothing of a refused call was written
+    n = await events.publish(b, [events.DomainEvent("order_paid", "o2", "s1", {"amount": 5})])
+    assert n == 1
+    newest: Any = await b.redis.xrevrange(key, count=1)
+    last = newest[0][1]
+    assert last[b"type"] == b"order_paid" and last[b"amount"] == b"5"
+    assert set(last) == {b"type", b"order_id", b"sale_id", b"at_ms", b"amount"}
