@@ -8,12 +8,13 @@ RUNTIME_STAMP := $(VENV)/.flashsale-runtime
 export PY VENV
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-runtime servers run test lint typecheck chaos bench loadtest clean
+.PHONY: help venv venv-runtime servers run test lint typecheck chaos bench soak loadtest clean
 
 help:
 	@echo "make run        start Redis, PostgreSQL, HTTP API, consumer and compensator (flashsale up)"
 	@echo "make test       lint, typecheck and the whole test suite against real servers"
-	@echo "make lint | typecheck | chaos | bench | loadtest | clean"
+	@echo "make soak       5-minute memory soak: front RSS and Redis memory per order (bench/soak.py)"
+	@echo "make lint | typecheck | chaos | bench | soak | loadtest | clean"
 
 # The venv is (re)installed only when pyproject.toml is newer than a stamp:
 # `make run` needs the package alone (a fresh clone is serving sooner), `make
@@ -61,6 +62,11 @@ bench: venv servers
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	bash bench/ensure-wrk.sh
 	$(BIN)/python -m bench.run
+
+# SOAK_ARGS, e.g. make soak SOAK_ARGS="--minutes 1 --own-redis"
+soak: venv servers
+	bash bench/ensure-wrk.sh
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 loadtest: venv servers
 	$(BIN)/python -m loadtest.run

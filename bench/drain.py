@@ -67,7 +67,7 @@ class DrainResult:
                 "error": self.error, "runs": [r.as_dict() for r in self.runs]}
 
 
-def _settings(lab: Lab) -> Settings:
+def lab_settings(lab: Lab) -> Settings:
     return Settings(
         redis_url=lab.redis_url, database_url=lab.dsn, admin_token=lab.admin_token,
         jwt_secret=lab.jwt_secret, webhook_secret=lab.webhook_secret, key_prefix=lab.prefix,
@@ -144,7 +144,7 @@ async def _drain_one(lab: Lab, b: Backends, run: int) -> DrainRun:
         wall_rows_per_s=round(backlog / max(1e-6, end - spawned), 1),
         startup_s=round(first_t - spawned, 3), drain_s=round(end - spawned, 3),
         backlog_build_s=round(built, 2),
-        cpu_cores=_cores(cpu, busy), check=check,
+        cpu_cores=cpu_cores(cpu, busy), check=check,
     )
 
 
@@ -182,7 +182,7 @@ async def _finish_profile(
     (lab.opts.out_dir / "profile-drain.txt").write_text(text)
 
 
-def _cores(cpu: dict[str, float], wall_s: float) -> dict[str, float]:
+def cpu_cores(cpu: dict[str, float], wall_s: float) -> dict[str, float]:
     ours = {k: v for k, v in cpu.items() if k != "_machine"}
     out = {k: round(v / wall_s, 2) for k, v in ours.items()}
     if "_machine" in cpu:
@@ -216,7 +216,7 @@ async def measure_drain(lab: Lab) -> DrainResult:
 
 
 async def _measure(lab: Lab, result: DrainResult) -> None:
-    async with open_backends(_settings(lab)) as b:
+    async with open_backends(lab_settings(lab)) as b:
         for i in range(lab.opts.runs):
             run = await _drain_one(lab, b, i)
             result.runs.append(run)

@@ -117,9 +117,12 @@ def options(argv: list[str] | None) -> Options:
 
 
 @contextlib.contextmanager
-def servers(workdir: Path) -> Iterator[tuple[str, str, dict[str, list[int]]]]:
-    """(redis_url, admin DSN, pids of embedded servers) — given URLs or embedded servers."""
-    redis_url = os.environ.get("FLASHSALE_REDIS_URL") or None
+def servers(
+    workdir: Path, *, embedded_redis: bool = False
+) -> Iterator[tuple[str, str, dict[str, list[int]]]]:
+    """(redis_url, admin DSN, pids of embedded servers) — given URLs or embedded servers
+    (``embedded_redis``: a Redis of our own even when FLASHSALE_REDIS_URL is set)."""
+    redis_url = None if embedded_redis else os.environ.get("FLASHSALE_REDIS_URL") or None
     database_url = os.environ.get("FLASHSALE_DATABASE_URL") or None
     if redis_url and database_url:
         yield redis_url, database_url, {}
@@ -171,7 +174,7 @@ async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
             await conn.close()
 
 
-async def _drop_prefix(redis: Redis, prefix: str) -> None:
+async def drop_prefix(redis: Redis, prefix: str) -> None:
     batch: list[Any] = []
     async for key in redis.scan_iter(match=f"{prefix}:*", count=5_000):
         batch.append(key)
@@ -188,7 +191,7 @@ def mint_tokens(secret: str, users: int, path: Path) -> list[str]:
     return tokens
 
 
-async def _pg_settings(dsn: str) -> str:
+async def pg_settings(dsn: str) -> str:
     conn = await asyncpg.connect(dsn)
     try:
         version = await conn.fetchval("SHOW server_version")
@@ -199,7 +202,7 @@ async def _pg_settings(dsn: str) -> str:
     return f"PostgreSQL {version} (fsync={fsync}, synchronous_commit={sync})"
 
 
-def _machine() -> str:
+def machine() -> str:
     model = ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -209,7 +212,7 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores {model}, Python {platform.python_version()}"
 
 
-def _wrk_version() -> str:
+def wrk_version() -> str:
     wrk = shutil.which("wrk")
     if not wrk:
         return ""
@@ -288,20 +291,20 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
                   f"{'embedded' if server_pids else 'given'}", flush=True)
             results, drain = await _systems(lab)
             meta = {
-                "started": started, "machine": _machine(), "cores": os.cpu_count(),
-                "loadgen": opts.loadgen if opts.loadgen != "wrk" else _wrk_version(),
+                "started": started, "machine": machine(), "cores": os.cpu_count(),
+                "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
                 "threads": opts.threads, "connections": opts.connections, "runs": opts.runs,
                 "duration_s": opts.duration_s, "users": opts.users, "quick": opts.quick,
                 "warmup": (f"{opts.warmup_s:g} s, then 4 s chunks until the rate is within 5 % "
                            "and each worker's JWT cache holds ~95 % of the buyers, at most "
                            f"{opts.warmup_max_s:g} s") if opts.warmup_s > 0 else "none",
-                "postgres": await _pg_settings(dsn), "servers": "embedded" if server_pids
+                "postgres": await pg_settings(dsn), "servers": "embedded" if server_pids
                 else "given", "drain_orders": opts.drain_orders,
             }
             md, js, png = report.write(results, drain, meta, opts.out_dir)
     finally:
         with contextlib.suppress(Exception):
-            await _drop_prefix(redis, prefix)
+            await drop_prefix(redis, prefix)
         await redis.aclose()
     print()
     print(md.read_text())

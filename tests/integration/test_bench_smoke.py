@@ -1,10 +1,12 @@
-"""Smoke run of the bench code (`python -m bench.run --quick`): seconds, no figures asserted.
+"""Smoke runs of the bench code (`python -m bench.run --quick`, `python -m bench.soak --quick`):
+seconds, no figures asserted.
 
 It checks that one quick pass over every system writes the three result files
 and that latest.json has the keys the issue asks for. Against the test run's
 servers when the suite has them, else the bench starts its own. The load
 generator is wrk when installed, else the built-in Python client; a second
-pass forces the Python client so that path is exercised too.
+pass forces the Python client so that path is exercised too. The memory soak
+runs a few seconds of load and must write soak.md and soak.json with its keys.
 """
 
 from __future__ import annotations
@@ -68,3 +70,37 @@ def test_quick_bench_python_load_generator(request: pytest.FixtureRequest, tmp_p
     proc = _bench(_server_env(request), tmp_path, "--loadgen", "python", "--systems", "echo")
     doc = _assert_written(tmp_path, proc)
     assert doc["meta"]["loadgen"] == "python"  # type: ignore[index]
+
+
+def test_quick_soak_writes_its_report(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--quick", "--minutes", "0.05", "--sample-s", "0.5",
+         "--settle-max-s", "1", "--out", str(tmp_path)],
+        cwd=ROOT, env=_server_env(request), capture_output=True, text=True, timeout=TIMEOUT_S,
+        check=False,
+    )
+    detail = f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, detail
+    for name in ("soak.md", "soak.json"):
+        assert (tmp_path / name).is_file(), f"{name} not written\n{detail}"
+    doc = json.loads((tmp_path / "soak.json").read_text())
+    assert {"meta", "verdict", "memory_per_order", "correct", "check", "chunks",
+            "samples"} <= set(doc)
+    assert doc["correct"] is True
+    verdict = doc["verdict"]
+    assert {"rule", "front_rss", "redis_used_memory", "redis_run_keys", "front_flat",
+            "redis_flat"} <= set(verdict)
+    assert {"slope_mb_per_min", "level_mb", "flat"} <= set(verdict["front_rss"])
+    per_order = doc["memory_per_order"]
+    assert {"order_state_bytes_per_held_order", "run_keys_bytes_per_held_order",
+            "used_bytes_per_held_order", "breakdown"} <= set(per_order["drained"])
+    assert {"complete", "run_keys_bytes_per_accepted_order", "used_bytes_per_accepted_order",
+            "breakdown"} <= set(per_order["after_expiry"])
+    assert {"client_202", "rows", "lost", "oversell", "ledger"} <= set(doc["check"])
+    assert doc["chunks"] and {"load", "cores", "accepted_per_s"} <= set(doc["chunks"][0])
+    phases = {s["phase"] for s in doc["samples"]}
+    assert {"baseline", "load", "drained", "end"} <= phases
+    assert {"t_s", "front_rss_mb", "redis_used_mb", "run_keys_mb", "xlen", "pel", "lag",
+            "holds", "pending", "idem_keys", "events", "rps"} <= set(doc["samples"][-1])
+    md = (tmp_path / "soak.md").read_text()
+    assert "## Verdict" in md and "| t s |" in md
