@@ -790,6 +790,39 @@ def _series(result: Soak, name: str, pick: Callable[[Sample], float | None],
             "last_mb": round(pts[-1][1], 2)}
 
 
+def redis_trend(result: Soak, base_mb: float) -> dict[str, Any]:
+    """Redis used_memory − baseline over the second half, fitted to a + b·items + c·t
+    (items = live holds + live idempotency records): c is the growth per minute that
+    the live state does not explain, reported like a series' slope."""
+    name = "Redis used_memory − baseline, trend with the live state held fixed"
+    pts = [(s.t_s, float((s.holds or 0) + (s.idem_keys or 0)), s.redis_used_mb - base_mb)
+           for s in result.samples
+           if s.phase == "load" and s.t_s >= result.opts.load_s / 2 and s.holds is not None]
+    if len(pts) < 4:
+        return {"series": name, "points": len(pts), "flat": None, "level_mb": None,
+                "slope_mb_per_min": None, "pct_of_level_per_min": None}
+    mt, mx, my = (statistics.fmean(p[i] for p in pts) for i in range(3))
+    t = [p[0] - mt for p in pts]
+    x = [p[1] - mx for p in pts]
+    y = [p[2] - my for p in pts]
+    sxx, stt = sum(v * v for v in x), sum(v * v for v in t)
+    sxt = sum(a * b for a, b in zip(x, t, strict=True))
+    sxy = sum(a * b for a, b in zip(x, y, strict=True))
+    sty = sum(a * b for a, b in zip(t, y, strict=True))
+    det = sxx * stt - sxt * sxt
+    if det <= 0 or my <= 0:
+        return {"series": name, "points": len(pts), "flat": None, "level_mb": None,
+                "slope_mb_per_min": None, "pct_of_level_per_min": None}
+    per_item_mb = (stt * sxy - sxt * sty) / det
+    per_s = (sxx * sty - sxt * sxy) / det
+    pct = per_s * 60 / my * 100
+    return {"series": name, "points": len(pts), "level_mb": round(my, 2),
+            "slope_mb_per_min": round(per_s * 60, 3), "pct_of_level_per_min": round(pct, 2),
+            "flat": pct < FLAT_PCT_PER_MIN, "falling": pct <= -FLAT_PCT_PER_MIN,
+            "first_mb": round(pts[0][2], 2), "last_mb": round(pts[-1][2], 2),
+            "bytes_per_live_item": round(per_item_mb * MB, 1)}
+
+
 def shared_redis(result: Soak) -> bool:
     """Other users' keys on the Redis server during the run: used_memory is not ours."""
     return (not result.place.own_db or result.place.other_keys_end > 0
@@ -807,17 +840,23 @@ def verdict(result: Soak) -> dict[str, Any]:
     keys = _series(result, "Redis, this run's keys (MEMORY USAGE)", lambda s: s.run_keys_mb)
     if shared:
         used["series"] += " (shared server: not the run's alone)"
-    redis = keys if shared else used
     front = _series(result, "front worker RSS", lambda s: s.front_rss_mb)
+    # Redis holds the live state (holds of the last hold_s, records of the last TTL), so
+    # its memory follows the throughput; a leak is growth that the live state does not explain.
+    trend = redis_trend(result, base)
+    redis = keys if shared else trend
     return {
         "rule": (f"a series is flat (not growing) when its least-squares slope over the second "
                  f"half of the load (t >= {opts.load_s / 2:g} s, after the warm-up) is under "
                  f"+{FLAT_PCT_PER_MIN:g} % of its mean level there, per minute; one falling "
                  f"faster than {FLAT_PCT_PER_MIN:g} %/min is shown as falling (Redis holds the "
                  "live holds and records, so it follows the throughput, which varies by chunk). "
-                 "Redis: "
-                 f"used_memory minus the baseline ({base:.2f} MB, taken before the sale existed)"
-                 f"{', judged on the run keys since the server is shared' if shared else ''}"),
+                 "Redis is judged on the growth the live state does not explain: used_memory "
+                 f"minus the baseline ({base:.2f} MB, taken before the sale existed) fitted by "
+                 "least squares to a + b x (live holds + live idempotency records) + c x time; "
+                 "c is the trend with the live state held fixed (a leak), b the bytes per live "
+                 f"item{'; on a shared server, the run keys are judged instead' if shared else ''}"
+                 ),
         "short_run": short,
         "short_run_note": (f"the second half starts before the warm-up is over (idempotency "
                            f"TTL {opts.idem_ttl_s} s, hold {opts.hold_s} s): records and holds "
@@ -829,6 +868,7 @@ def verdict(result: Soak) -> dict[str, Any]:
         "front_rss": front,
         "redis_used_memory": used,
         "redis_run_keys": keys,
+        "redis_trend": trend,
         "consumer_rss": _series(result, "consumer RSS (info)", lambda s: s.consumer_rss_mb),
         "compensator_rss": _series(result, "compensator RSS (info)",
                                    lambda s: s.compensator_rss_mb),
@@ -971,8 +1011,10 @@ def _live(s: Sample) -> str:
 def _fmt_series(v: dict[str, Any]) -> str:
     if v["flat"] is None:
         return f"| {v['series']} | – | – | – | n/a ({v['points']} samples in the 2nd half) |"
+    per_item = (f"; {v['bytes_per_live_item']:,.0f} B per live item"
+                if "bytes_per_live_item" in v else "")
     return (f"| {v['series']} | {v['level_mb']:,.1f} MB ({v['first_mb']:,.1f} → "
-            f"{v['last_mb']:,.1f}) | {v['slope_mb_per_min']:+.3f} MB/min | "
+            f"{v['last_mb']:,.1f}{per_item}) | {v['slope_mb_per_min']:+.3f} MB/min | "
             f"{v['pct_of_level_per_min']:+.2f} % | {_series_word(v)} |")
 
 
@@ -1023,8 +1065,8 @@ def report(result: Soak, meta: dict[str, Any]) -> dict[str, Any]:
         "| series | level (2nd half: first → last) | slope | of level per min | verdict |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for key in ("front_rss", "redis_used_memory", "redis_run_keys", "consumer_rss",
-                "compensator_rss"):
+    for key in ("front_rss", "redis_trend", "redis_used_memory", "redis_run_keys",
+                "consumer_rss", "compensator_rss"):
         lines.append(_fmt_series(v[key]))
     lines += ["", f"Rule: {v['rule']}."]
     if v["short_run"]:
