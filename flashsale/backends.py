@@ -37,6 +37,11 @@ class HiredisPackConnection(Connection):
         return packed
 
 
+def as_text(raw: bytes | str) -> str:
+    """A Redis reply as text: the client hands replies over undecoded (bytes)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 @dataclass(frozen=True, slots=True)
 class Backends:
     settings: Settings

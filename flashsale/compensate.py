@@ -26,7 +26,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from flashsale import events, sales
-from flashsale.backends import Backends, Conn
+from flashsale.backends import Backends, Conn, as_text
 from flashsale.metrics import Metrics
 
 log = logging.getLogger("flashsale.compensate")
@@ -295,7 +295,7 @@ class Compensator:
                     continue  # unreadable entries are the consumer's to dead-letter
                 due.append(o)
             if len(entries) == count:  # more may be due: go on after the last one read
-                self._unpersisted_cursor[r["sale_id"]] = "(" + _text(entries[-1][0])
+                self._unpersisted_cursor[r["sale_id"]] = "(" + as_text(entries[-1][0])
             else:
                 self._unpersisted_cursor.pop(r["sale_id"], None)
             inserted = await release_many_unpersisted(
@@ -327,10 +327,6 @@ class Compensator:
                 self._b, row["sale_id"], row["restock_id"], row["quantity"]
             )
         return len(rows)
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _unpersisted(sale_id: str, fields: dict[bytes, bytes]) -> Unpersisted | None:

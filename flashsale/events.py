@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import ResponseError
 
-from flashsale.backends import Backends
+from flashsale.backends import Backends, as_text
 
 log = logging.getLogger("flashsale.events")
 notify_log = logging.getLogger("flashsale.notify")
@@ -151,10 +151,6 @@ async def publish_released(b: Backends, released: Sequence[tuple[str, str, int]]
 # --------------------------------------------------------------------------- notifications
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
 class Notifier:
     """Subscribes to the events stream (its own consumer group) and logs one line
     per event; a stand-in for e-mail or push. It reads, never writes, the
@@ -195,7 +191,7 @@ class Notifier:
         for _stream, entries in resp or []:
             items.extend(entries)
         for _entry_id, fields in items:
-            self._notify({_text(k): _text(v) for k, v in fields.items()})
+            self._notify({as_text(k): as_text(v) for k, v in fields.items()})
         if items:
             await redis.xack(self._key, NOTIFY_GROUP, *[eid for eid, _ in items])
         self.seen += len(items)

@@ -14,17 +14,13 @@ import logging
 from typing import Any
 
 from flashsale import sales
-from flashsale.backends import Backends
+from flashsale.backends import Backends, as_text
 
 log = logging.getLogger("flashsale.ledger")
 
 STATUSES = ("awaiting_payment", "paid", "shipped", "cancelled", "expired", "failed")
 HOLDING = ("awaiting_payment", "paid", "shipped")
 RELEASED = ("cancelled", "expired", "failed")
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 async def ledger(b: Backends, sale_id: str) -> dict[str, Any]:
@@ -64,7 +60,7 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
         await b.redis.delete(k.sale)
     elif await b.redis.exists(k.sale):
         return False
-    redis_holds = [_text(h) for h in await b.redis.hkeys(k.holds)]
+    redis_holds = [as_text(h) for h in await b.redis.hkeys(k.holds)]
     holding = await b.pg.fetch(
         "SELECT order_id, quantity, user_id FROM orders WHERE sale_id = $1 "
         "AND status = ANY($2::text[]) ORDER BY order_id",

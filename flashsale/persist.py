@@ -21,7 +21,7 @@ import asyncpg
 from redis.exceptions import ResponseError
 
 from flashsale import events
-from flashsale.backends import Backends, Conn
+from flashsale.backends import Backends, Conn, as_text
 from flashsale.metrics import Metrics
 
 log = logging.getLogger("flashsale.persist")
@@ -245,7 +245,7 @@ class Persister:
             return 0
         batch: list[tuple[str, str, dict[bytes, bytes]]] = []
         for stream, items in resp or []:
-            key = stream.decode() if isinstance(stream, bytes) else stream
+            key = as_text(stream)
             for entry_id, fields in items:
                 batch.append((key, entry_id.decode(), fields))
         return await self.handle(batch)
@@ -290,7 +290,7 @@ class Persister:
                     if "NOGROUP" not in str(exc):
                         raise
                     break
-                self._claim_cursor[key] = _text(res[0])
+                self._claim_cursor[key] = as_text(res[0])
                 claimed += len(res[1])
                 items = [(key, eid.decode(), f) for eid, f in res[1] if f]
                 if items:
@@ -313,7 +313,7 @@ class Persister:
         info: Any = await self._b.redis.xpending_range(
             key, s.consumer_group, min=items[0][1], max=items[-1][1], count=len(items),
         )
-        times = {_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+        times = {as_text(p["message_id"]): int(p["times_delivered"]) for p in info}
         bound = s.consumer_max_deliveries
         keep = []
         retry: list[tuple[tuple[str, str, dict[bytes, bytes]], Entry]] = []
@@ -497,10 +497,6 @@ async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Even
     await asyncio.gather(
         *(Persister(backends, metrics, f"{name}-{i}").run(stop) for i in range(n))
     )
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _qty_of(fields: dict[bytes, bytes]) -> int:

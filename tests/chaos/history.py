@@ -66,7 +66,7 @@ from typing import Any, NewType, Protocol
 
 import aiohttp
 
-from flashsale.backends import Backends
+from flashsale.backends import Backends, as_text
 from flashsale.compensate import Compensator
 from flashsale.metrics import Metrics
 
@@ -403,10 +403,6 @@ class SaleState:
         )
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
 async def read_state(api: Reader, sale_id: str) -> SaleState:
     b = api.backends
     k = b.keys(sale_id)
@@ -427,8 +423,8 @@ async def read_state(api: Reader, sale_id: str) -> SaleState:
         rows={r["order_id"]: Row(r["order_id"], r["user_id"], r["idempotency_key"],
                                  int(r["quantity"]), r["status"]) for r in rows},
         releases={r["order_id"]: bool(r["done"]) for r in releases},
-        dead_lettered={_text(f.get(b"o", b"")) for _id, f in dlq} - {""},
-        redis_holds={_text(h) for h in await b.redis.hkeys(k.holds)},
+        dead_lettered={as_text(f.get(b"o", b"")) for _id, f in dlq} - {""},
+        redis_holds={as_text(h) for h in await b.redis.hkeys(k.holds)},
         stream_len=int(await b.redis.xlen(k.stream)), pending=int(pending or 0),
         ledger=await api.ledger(sale_id),
     )

@@ -90,6 +90,7 @@ from hypothesis.stateful import (
 )
 
 from flashsale import orders as flashsale_orders
+from flashsale.backends import as_text
 from flashsale.compensate import Compensator
 from flashsale.config import Settings
 from flashsale.metrics import Metrics
@@ -358,7 +359,7 @@ class LedgerMachine(RuleBasedStateMachine):
     async def _pending_ids(self) -> set[str]:
         assert self.sale_id is not None
         b = self.shop.b
-        return {_text(o) for o in await b.redis.hkeys(b.keys(self.sale_id).pending)}
+        return {as_text(o) for o in await b.redis.hkeys(b.keys(self.sale_id).pending)}
 
     async def _lost_reply(self, buyer: str, qty: int, key: str | None, mode: str) -> Outcome:
         assert self.sale_id is not None
@@ -641,13 +642,13 @@ class LedgerMachine(RuleBasedStateMachine):
             f"service stock/available {sale['stock']}/{sale['available']}, "
             f"model {self.stock}/{self.available}")
         assert self.available >= 0  # the model never oversells; neither may the service
-        users = {_text(u): int(q) for u, q in users_raw.items()}
+        users = {as_text(u): int(q) for u, q in users_raw.items()}
         model_users = {u: self.held(u) for u in self.users if self.held(u)}
         assert users == model_users, (users, model_users)
         assert all(q <= self.limit for q in users.values()), users
 
         rows = {r["order_id"]: r for r in rows_raw}
-        pending = {_text(o) for o in pending_raw}
+        pending = {as_text(o) for o in pending_raw}
         assert set(rows) <= set(self.orders), set(rows) - set(self.orders)
         for o in self.orders.values():
             if o.in_pg:
@@ -695,10 +696,6 @@ class LedgerMachine(RuleBasedStateMachine):
         # every order the model knows: told to a client (ok), or a lost reply's (explained)
         known = verdict.accepted_orders + verdict.explained_by_unknown
         assert known == len(self.orders), verdict.figures()
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 # --------------------------------------------------------------------------- the test
