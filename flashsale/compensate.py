@@ -20,7 +20,6 @@ import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -106,10 +105,6 @@ class Unpersisted:
     created_ms: int
     expires_ms: int
     idempotency_key: str | None
-
-
-def _ts(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
 async def release_unpersisted(
@@ -224,7 +219,6 @@ class Compensator:
         self._b = backends
         self._m = metrics
         self.name = name
-        self._done = 0
         self._unpersisted_cursor: dict[str, str] = {}  # sale id -> XRANGE start
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -232,7 +226,7 @@ class Compensator:
         while not stop.is_set():
             backlog = False
             try:
-                backlog = await self._round()
+                _done, backlog = await self._round()
             except Exception as exc:  # the loop must outlive any failure; bounded backoff
                 log.warning("compensator step failed: %r", exc)
             if backlog:  # a full batch: more is due now (mass expiry after a spike)
@@ -243,19 +237,19 @@ class Compensator:
 
     async def step(self) -> int:
         """One bounded round; returns the number of releases finished in Redis."""
-        self._done = 0
-        await self._round()
-        return self._done
+        done, _backlog = await self._round()
+        return done
 
-    async def _round(self) -> bool:
-        """One bounded round; True when a batch came back full (work is left)."""
+    async def _round(self) -> tuple[int, bool]:
+        """One bounded round: releases finished in Redis, and whether a batch
+        came back full (work is left)."""
         full = self._b.settings.compensator_batch_max
         expired = await self.expire_due()
         unpersisted = await self.expire_unpersisted()
         swept = await self.sweep_outbox()
         restocked = await self.sweep_restocks()
-        self._done = expired + unpersisted + swept
-        return max(expired, swept, restocked) >= full or bool(self._unpersisted_cursor)
+        backlog = max(expired, swept, restocked) >= full or bool(self._unpersisted_cursor)
+        return expired + unpersisted + swept, backlog
 
     async def expire_due(self) -> int:
         """Holds past expiry: one statement expires a batch in PostgreSQL (with
