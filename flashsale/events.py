@@ -50,21 +50,24 @@ class DomainEvent:
     sale_id: str
     data: Mapping[str, str | int] = field(default_factory=dict)
 
-    def fields(self) -> dict[Any, Any]:
-        flat = self.flat(_now_ms())
-        return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
-
-    def flat(self, at_ms: str) -> list[str | int]:
-        """field, value, field, value, ... (type, order_id, sale_id, at_ms, data)."""
-        out: list[str | int] = ["type", self.type, "order_id", self.order_id,
-                                "sale_id", self.sale_id, "at_ms", at_ms]
+    def packed(self, at_ms: str) -> list[str | int]:
+        data: list[str | int] = []
         for k, v in self.data.items():
             if k not in _BASE_FIELDS:
-                out += [k, str(v)]
-        return out
+                data += [k, str(v)]
+        return _packed(self.type, self.order_id, self.sale_id, at_ms, data)
 
 
 _BASE_FIELDS = frozenset(("type", "order_id", "sale_id", "at_ms"))
+
+
+def _packed(
+    type_: str, order_id: str, sale_id: str, at_ms: str, data: list[str | int]
+) -> list[str | int]:
+    """One event as publish_events takes it: the number of field/value pairs,
+    then type, order_id, sale_id, at_ms and the event's data pairs."""
+    return [4 + len(data) // 2, "type", type_, "order_id", order_id, "sale_id", sale_id,
+            "at_ms", at_ms, *data]
 
 
 def _now_ms() -> str:
@@ -89,9 +92,7 @@ async def publish(b: Backends, events: Sequence[DomainEvent]) -> int:
     at_ms = _now_ms()
     args: list[str | int] = []
     for ev in events:
-        flat = ev.flat(at_ms)
-        args.append(len(flat) // 2)
-        args += flat
+        args += ev.packed(at_ms)
     return await _append(b, len(events), args)
 
 
@@ -116,7 +117,7 @@ async def publish_accepted(
     b: Backends, persisted: Iterable[_Order], failed: Iterable[_Order]
 ) -> int:
     """After the consumer's commit: accepted for the persisted, released for the failed.
-    Packed here without a DomainEvent per order: this runs once per drained row."""
+    Packed without a DomainEvent per order: this runs once per drained row."""
     failed_ids = {o.order_id for o in failed}
     at_ms = _now_ms()
     args: list[str | int] = []
@@ -124,9 +125,9 @@ async def publish_accepted(
     for o in persisted:
         if o.order_id in failed_ids:
             continue
-        args += [7, "type", "order_accepted", "order_id", o.order_id, "sale_id", o.sale_id,
-                 "at_ms", at_ms, "user_id", o.user_id, "quantity", o.quantity,
-                 "amount_cents", o.amount_cents]
+        args += _packed("order_accepted", o.order_id, o.sale_id, at_ms, [
+            "user_id", o.user_id, "quantity", o.quantity, "amount_cents", o.amount_cents,
+        ])
         count += 1
     return await _append(b, count, args)
 
