@@ -348,22 +348,22 @@ class Persister:
         PostgreSQL takes them, else each alone."""
         if not entries:
             return set()
-        if await self._persist_now(entries):
+        if await self._persist_now(entries) is None:
             return {e.entry_id for e in entries}
-        return {e.entry_id for e in entries if await self._persist_now([e])}
+        return {e.entry_id for e in entries if await self._persist_now([e]) is None}
 
-    async def _persist_now(self, entries: list[Entry]) -> bool:
-        """Persist entries in one transaction and ack them; False when
-        PostgreSQL refuses them (connection failures raise: retried later)."""
+    async def _persist_now(self, entries: list[Entry]) -> asyncpg.PostgresError | None:
+        """Persist entries in one transaction and ack them. Returns PostgreSQL's
+        refusal, None when committed (connection failures raise: retried later)."""
         try:
             async with self._b.pg.acquire() as conn:
                 failed = await persist_batch(conn, entries, self.name)
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+            if _connection_lost(exc):
                 raise
-            return False
+            return exc
         await self._after_commit(entries, failed)
-        return True
+        return None
 
     async def _tombstone(self, e: Entry) -> bool:
         """Before an exhausted entry is dead-lettered, record its order as failed
@@ -388,7 +388,7 @@ class Persister:
                     e.order_id, e.sale_id, e.quantity, self.name,
                 )
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
+            if _connection_lost(exc):
                 raise
             return True  # the order cannot be written at all: dead-letter it without a row
         return True
@@ -408,35 +408,25 @@ class Persister:
         entries = [e for e in entries if e.sale_id in known]
         if not entries:
             return len(batch)
-        try:
-            async with self._b.pg.acquire() as conn:
-                failed = await persist_batch(conn, entries, self.name)
-        except asyncpg.PostgresError as exc:
-            if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
-                raise
-            log.warning("batch of %d failed (%r); persisting one by one", len(entries), exc)
+        refused = await self._persist_now(entries)
+        if refused is not None:
+            log.warning("batch of %d failed (%r); persisting one by one", len(entries), refused)
             return await self._one_by_one(entries) + len(batch) - len(entries)
-        await self._after_commit(entries, failed)
         return len(batch)
 
     async def _one_by_one(self, entries: list[Entry]) -> int:
         for e in entries:
-            try:
-                async with self._b.pg.acquire() as conn:
-                    failed = await persist_batch(conn, [e], self.name)
-            except asyncpg.PostgresError as exc:
-                if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError):
-                    raise
-                attempts = self._attempts.get(e.entry_id, 0) + 1
-                if attempts >= self._b.settings.consumer_max_deliveries:
-                    self._attempts.pop(e.entry_id, None)
-                    await self._dead_letter(e.sale_id, e.entry_id, e, repr(exc), {})
-                else:
-                    if len(self._attempts) >= ATTEMPTS_TRACKED_MAX:
-                        self._attempts.clear()
-                    self._attempts[e.entry_id] = attempts
+            refused = await self._persist_now([e])
+            if refused is None:
                 continue
-            await self._after_commit([e], failed)
+            attempts = self._attempts.get(e.entry_id, 0) + 1
+            if attempts >= self._b.settings.consumer_max_deliveries:
+                self._attempts.pop(e.entry_id, None)
+                await self._dead_letter(e.sale_id, e.entry_id, e, repr(refused), {})
+            else:
+                if len(self._attempts) >= ATTEMPTS_TRACKED_MAX:
+                    self._attempts.clear()
+                self._attempts[e.entry_id] = attempts
         return len(entries)
 
     async def _after_commit(self, entries: list[Entry], failed: list[Entry]) -> None:
@@ -497,6 +487,12 @@ async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Even
     await asyncio.gather(
         *(Persister(backends, metrics, f"{name}-{i}").run(stop) for i in range(n))
     )
+
+
+def _connection_lost(exc: asyncpg.PostgresError) -> bool:
+    """PostgreSQL could not be reached (retry the whole step later), as opposed
+    to PostgreSQL refusing what was sent."""
+    return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError)
 
 
 def _qty_of(fields: dict[bytes, bytes]) -> int:
