@@ -479,14 +479,14 @@ async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Even
     others read, parse and ack, so the drain is not one round trip at a time.
     Each is a full consumer (its own reads, reclaims and pending entries), so
     the guarantees are those of as many processes."""
-    n = backends.settings.consumer_concurrency
-    name = backends.settings.consumer_name
-    if n == 1:
-        await Persister(backends, metrics, name).run(stop)
-        return
-    await asyncio.gather(
-        *(Persister(backends, metrics, f"{name}-{i}").run(stop) for i in range(n))
-    )
+    s = backends.settings
+    names = consumer_names(s.consumer_name, s.consumer_concurrency)
+    await asyncio.gather(*(Persister(backends, metrics, name).run(stop) for name in names))
+
+
+def consumer_names(name: str, concurrency: int) -> list[str]:
+    """The group's consumer names of one process: its name alone, or ``<name>-<i>``."""
+    return [name] if concurrency == 1 else [f"{name}-{i}" for i in range(concurrency)]
 
 
 def _connection_lost(exc: asyncpg.PostgresError) -> bool:

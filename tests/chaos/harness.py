@@ -34,6 +34,7 @@ from flashsale import auth
 from flashsale.backends import Backends
 from flashsale.config import Settings
 from flashsale.ledger import ledger
+from flashsale.persist import consumer_names
 from tests.support import ADMIN_TOKEN, JWT_SECRET, WEBHOOK_SECRET
 
 REPO = Path(__file__).resolve().parents[2]
@@ -128,9 +129,8 @@ class Service:
     def consumer_names(self) -> list[str]:
         """The names a consume child uses in the consumer group (Settings default;
         ``-<i>`` per consumer when it runs several, see persist.run_consumers)."""
-        base = f"{socket.gethostname()}-{self.pid}"
         n = int(self.env.get("FLASHSALE_CONSUMER_CONCURRENCY", "1"))
-        return [base] if n == 1 else [f"{base}-{i}" for i in range(n)]
+        return consumer_names(f"{socket.gethostname()}-{self.pid}", n)
 
     def start(self) -> int:
         assert not self.alive, f"{self.name} is already running"
@@ -275,6 +275,20 @@ async def run_cli(env: Mapping[str, str], *args: str, timeout_s: float = 60.0) -
     if proc.returncode not in (0, 1):
         raise AssertionError(f"flashsale {args} exited {proc.returncode}: {err.decode()[-2000:]}")
     return proc.returncode, out.decode()
+
+
+async def unacked(
+    b: Backends, sale_id: str, consumers: list[str], count: int = 100_000
+) -> list[Any]:
+    """XPENDING entries of the sale's stream delivered to ``consumers`` (one
+    process's) and not acked, at most ``count`` per consumer."""
+    pend: list[Any] = []
+    for name in consumers:
+        pend += await b.redis.xpending_range(
+            b.keys(sale_id).stream, b.settings.consumer_group, min="-", max="+", count=count,
+            consumername=name,
+        )
+    return pend
 
 
 async def consumer_joined(b: Backends, sale_id: str, svc: Service) -> bool:

@@ -38,6 +38,7 @@ from tests.chaos.harness import (
     audit,
     consumer_joined,
     flashsale_env,
+    unacked,
     wait_drained,
 )
 from tests.faults import TcpProxy
@@ -56,14 +57,8 @@ pytestmark = pytest.mark.chaos
 async def _in_flight(b: Backends, sale_id: str, consumers: list[str]) -> dict[str, str]:
     """Entry id -> order id of what ``consumers`` (one process's) had delivered and not acked."""
     k = b.keys(sale_id)
-    pend: list[Any] = []
-    for name in consumers:
-        pend += await b.redis.xpending_range(
-            k.stream, b.settings.consumer_group, min="-", max="+", count=100_000,
-            consumername=name,
-        )
     out: dict[str, str] = {}
-    for p in pend:
+    for p in await unacked(b, sale_id, consumers):
         eid = p["message_id"].decode()
         got: Any = await b.redis.xrange(k.stream, eid, eid, count=1)
         out[eid] = got[0][1][b"o"].decode() if got else ""

@@ -41,7 +41,14 @@ from flashsale.config import Settings
 from flashsale.embedded import free_port
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import Buy, Buyers, KeyHistory, ms, percentile, wait_http
-from tests.chaos.harness import Service, Services, audit, flashsale_env, wait_drained
+from tests.chaos.harness import (
+    Service,
+    Services,
+    audit,
+    flashsale_env,
+    unacked,
+    wait_drained,
+)
 from tests.chaos.history import History, HttpReader
 from tests.support import ADMIN_TOKEN
 
@@ -217,12 +224,7 @@ async def test_kill9_cycles_front_consumer_compensator(
             victim.kill9()
             _start(victim, chaos_settings.database_url)
             if dead_names:  # what the dead consumers had read and not acked
-                pend: list[Any] = []
-                for dead_name in dead_names:
-                    pend += await direct.redis.xpending_range(
-                        direct.keys(sid).stream, chaos_settings.consumer_group, min="-",
-                        max="+", count=10_000, consumername=dead_name,
-                    )
+                pend = await unacked(direct, sid, dead_names, count=10_000)
                 mid_work["consumer_entries_unacked_at_kill"] += len(pend)
                 mid_work["consumer_kills_mid_batch"] += bool(pend)
             elif victim is compensator:  # releases committed, not yet done in Redis
