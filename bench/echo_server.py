@@ -40,19 +40,26 @@ def _error(exc: errors.FlashsaleError) -> web.Response:
     return web.Response(body=body, status=exc.status, content_type="application/json")
 
 
+async def parse_order(request: web.Request) -> tuple[str, str | None, int, str]:
+    """(buyer, Idempotency-Key, quantity, sale id) of POST .../orders, checked as
+    flashsale checks them; raises the contract's FlashsaleError. The bench
+    servers (echo and naive PostgreSQL) share it: the same request work."""
+    user_id = request.app[AUTH].buyer(request.headers.get("Authorization"))
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not validate.IDEMPOTENCY_KEY_RE.match(key):
+        raise errors.InvalidRequest("Idempotency-Key must be 1-128 printable ASCII characters")
+    raw = await request.content.read(BODY_MAX + 1)
+    if len(raw) > BODY_MAX:
+        raise errors.InvalidRequest("the request body is too large")
+    body = validate.json_object(raw)
+    validate.no_unknown(body, ORDER_FIELDS)
+    qty = validate.integer(body, "quantity", 1, QUANTITY_MAX, 1)
+    return user_id, key, qty, validate.sale_id(request.match_info["sale_id"])
+
+
 async def create_order(request: web.Request) -> web.Response:
     try:
-        user_id = request.app[AUTH].buyer(request.headers.get("Authorization"))
-        key = request.headers.get("Idempotency-Key")
-        if key is not None and not validate.IDEMPOTENCY_KEY_RE.match(key):
-            raise errors.InvalidRequest("Idempotency-Key must be 1-128 printable ASCII characters")
-        raw = await request.content.read(BODY_MAX + 1)
-        if len(raw) > BODY_MAX:
-            raise errors.InvalidRequest("the request body is too large")
-        body = validate.json_object(raw)
-        validate.no_unknown(body, ORDER_FIELDS)
-        qty = validate.integer(body, "quantity", 1, QUANTITY_MAX, 1)
-        sale_id = validate.sale_id(request.match_info["sale_id"])
+        user_id, _key, qty, sale_id = await parse_order(request)
     except errors.FlashsaleError as exc:
         return _error(exc)
     now_ms = int(time.time() * 1000)

@@ -28,8 +28,8 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from bench.echo_server import AUTH, BODY_MAX, ORDER_FIELDS, QUANTITY_MAX, _error, serve
-from flashsale import errors, validate
+from bench.echo_server import AUTH, BODY_MAX, _error, parse_order, serve
+from flashsale import errors
 from flashsale.auth import Authenticator
 from flashsale.reserve import new_order_id
 from flashsale.validate import iso
@@ -127,17 +127,7 @@ async def _reserve(
 
 async def create_order(request: web.Request) -> web.Response:
     try:
-        user_id = request.app[AUTH].buyer(request.headers.get("Authorization"))
-        key = request.headers.get("Idempotency-Key")
-        if key is not None and not validate.IDEMPOTENCY_KEY_RE.match(key):
-            raise errors.InvalidRequest("Idempotency-Key must be 1-128 printable ASCII characters")
-        raw = await request.content.read(BODY_MAX + 1)
-        if len(raw) > BODY_MAX:
-            raise errors.InvalidRequest("the request body is too large")
-        body = validate.json_object(raw)
-        validate.no_unknown(body, ORDER_FIELDS)
-        qty = validate.integer(body, "quantity", 1, QUANTITY_MAX, 1)
-        sale_id = validate.sale_id(request.match_info["sale_id"])
+        user_id, key, qty, sale_id = await parse_order(request)
     except errors.FlashsaleError as exc:
         return _error(exc)
     try:
