@@ -271,41 +271,50 @@ async def bench(opts: Options) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
-               server_pids: dict[str, list[int]], started: str) -> int:
+@contextlib.asynccontextmanager
+async def open_lab(opts: Options, workdir: Path, redis_url: str, dsn: str,
+                   server_pids: dict[str, list[int]], prefix_tag: str) -> AsyncIterator[Lab]:
+    """A run's Lab (bench and soak): fresh secrets, pre-minted buyers, a key prefix
+    of its own, a Redis client and an HTTP session. At the end the prefix's keys
+    are removed and the clients closed."""
     jwt_secret = secrets.token_urlsafe(32)
     tokens_file = workdir / "tokens.txt"
     tokens = await asyncio.to_thread(mint_tokens, jwt_secret, opts.users, tokens_file)
-    prefix = "bench" + secrets.token_hex(4)
+    prefix = prefix_tag + secrets.token_hex(4)
     redis = Redis.from_url(redis_url)
     try:
         async with aiohttp.ClientSession() as http:
-            lab = Lab(
+            yield Lab(
                 opts=opts, workdir=workdir, redis_url=redis_url, dsn=dsn,
                 server_pids=server_pids, prefix=prefix, jwt_secret=jwt_secret,
                 admin_token=secrets.token_urlsafe(24), webhook_secret=secrets.token_urlsafe(24),
                 tokens=tokens, tokens_file=tokens_file, http=http, redis=redis,
             )
-            print(f"bench: {len(opts.systems)} system group(s), {opts.runs} run(s) × "
-                  f"{opts.duration_s:g} s, load generator {opts.loadgen}, servers "
-                  f"{'embedded' if server_pids else 'given'}", flush=True)
-            results, drain = await _systems(lab)
-            meta = {
-                "started": started, "machine": machine(), "cores": os.cpu_count(),
-                "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
-                "threads": opts.threads, "connections": opts.connections, "runs": opts.runs,
-                "duration_s": opts.duration_s, "users": opts.users, "quick": opts.quick,
-                "warmup": (f"{opts.warmup_s:g} s, then 4 s chunks until the rate is within 5 % "
-                           "and each worker's JWT cache holds ~95 % of the buyers, at most "
-                           f"{opts.warmup_max_s:g} s") if opts.warmup_s > 0 else "none",
-                "postgres": await pg_settings(dsn), "servers": "embedded" if server_pids
-                else "given", "drain_orders": opts.drain_orders,
-            }
-            md, js, png = report.write(results, drain, meta, opts.out_dir)
     finally:
         with contextlib.suppress(Exception):
             await drop_prefix(redis, prefix)
         await redis.aclose()
+
+
+async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
+               server_pids: dict[str, list[int]], started: str) -> int:
+    async with open_lab(opts, workdir, redis_url, dsn, server_pids, "bench") as lab:
+        print(f"bench: {len(opts.systems)} system group(s), {opts.runs} run(s) × "
+              f"{opts.duration_s:g} s, load generator {opts.loadgen}, servers "
+              f"{'embedded' if server_pids else 'given'}", flush=True)
+        results, drain = await _systems(lab)
+        meta = {
+            "started": started, "machine": machine(), "cores": os.cpu_count(),
+            "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
+            "threads": opts.threads, "connections": opts.connections, "runs": opts.runs,
+            "duration_s": opts.duration_s, "users": opts.users, "quick": opts.quick,
+            "warmup": (f"{opts.warmup_s:g} s, then 4 s chunks until the rate is within 5 % "
+                       "and each worker's JWT cache holds ~95 % of the buyers, at most "
+                       f"{opts.warmup_max_s:g} s") if opts.warmup_s > 0 else "none",
+            "postgres": await pg_settings(dsn), "servers": "embedded" if server_pids
+            else "given", "drain_orders": opts.drain_orders,
+        }
+        md, js, png = report.write(results, drain, meta, opts.out_dir)
     print()
     print(md.read_text())
     print(f"wrote {md}, {js}, {png}")

@@ -36,7 +36,6 @@ import contextlib
 import json
 import math
 import os
-import secrets
 import shutil
 import statistics
 import sys
@@ -48,7 +47,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import uvloop
 from redis.asyncio import Redis
 
@@ -58,10 +56,9 @@ from bench.lab import Lab, Options
 from bench.loadgen import LoadResult
 from bench.run import (
     RESULTS,
-    drop_prefix,
     fresh_database,
     machine,
-    mint_tokens,
+    open_lab,
     pg_settings,
     servers,
     wrk_version,
@@ -535,35 +532,22 @@ async def soak(opts: SoakOptions) -> int:
 
 async def _run(opts: SoakOptions, workdir: Path, place: RedisPlace, dsn: str,
                server_pids: dict[str, list[int]], started: str) -> int:
-    jwt_secret = secrets.token_urlsafe(32)
-    tokens_file = workdir / "tokens.txt"
-    tokens = await asyncio.to_thread(mint_tokens, jwt_secret, opts.users, tokens_file)
-    prefix = "soak" + secrets.token_hex(4)
-    redis = Redis.from_url(place.url)
     result = Soak(opts, place)
-    try:
-        async with aiohttp.ClientSession() as http:
-            lab = Lab(
-                opts=opts.lab_options(), workdir=workdir, redis_url=place.url, dsn=dsn,
-                server_pids=server_pids, prefix=prefix, jwt_secret=jwt_secret,
-                admin_token=secrets.token_urlsafe(24), webhook_secret=secrets.token_urlsafe(24),
-                tokens=tokens, tokens_file=tokens_file, http=http, redis=redis,
-            )
+    async with open_lab(opts.lab_options(), workdir, place.url, dsn, server_pids,
+                        "soak") as lab:
+        try:
             svc = SoakService(lab, "soak", "flashsale soak", 1,
                               env_extra={"FLASHSALE_IDEMPOTENCY_TTL_S": str(opts.idem_ttl_s)})
             try:
                 async with open_backends(lab_settings(lab)) as b:
-                    await _soak(lab, svc, Probe(svc, redis, b, place, prefix), result)
+                    await _soak(lab, svc, Probe(svc, lab.redis, b, place, lab.prefix), result)
             finally:
                 await svc.stop()
             meta = await _meta(opts, lab, started)
-    finally:
-        with contextlib.suppress(Exception):
-            await drop_prefix(redis, prefix)
-        with contextlib.suppress(Exception):
-            place.other_keys_end = sum(n for i, n in (await _keyspace(redis)).items()
-                                       if i != place.db)
-        await redis.aclose()
+        finally:  # keys in the server's other dbs: a shared server
+            with contextlib.suppress(Exception):
+                place.other_keys_end = sum(n for i, n in (await _keyspace(lab.redis)).items()
+                                           if i != place.db)
     doc = report(result, meta)
     md = opts.out_dir / "soak.md"
     js = opts.out_dir / "soak.json"
