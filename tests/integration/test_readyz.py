@@ -10,7 +10,6 @@ must bring /readyz back to 200 with the Lua scripts loaded again.
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -19,16 +18,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 import redis
 
 from flashsale.config import Settings
 from flashsale.scripts import SCRIPT_FILES
 from tests import support
-from tests.support import Api, eventually, running_app
+from tests.support import Api, eventually, fresh_database, running_app
 
 READY_WITHIN_S = 5.0
 
@@ -222,27 +219,13 @@ async def test_readyz_reports_postgres_when_migrations_are_missing(
     redis_child: RedisChild, server_urls: tuple[str, str]
 ) -> None:
     """An empty (unmigrated) database: 503 with the postgres check failing."""
-    admin_dsn = server_urls[1]
-    name = "flashsale_unmigrated_" + secrets.token_hex(4)
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    dsn = urlunsplit(urlsplit(admin_dsn)._replace(path="/" + name))
-    try:
-        async with running_app(_settings(redis_child, dsn)) as api:
-            status, body, _ = await _readyz(api)
-            assert status == 503, body
-            assert body["status"] == "unavailable"
-            assert body["checks"]["redis"] == "ok" and body["checks"]["scripts"] == "ok"
-            assert body["checks"]["postgres"].startswith("error"), body
-    finally:
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    unmigrated = fresh_database(server_urls[1], "flashsale_unmigrated", migrated=False)
+    async with unmigrated as dsn, running_app(_settings(redis_child, dsn)) as api:
+        status, body, _ = await _readyz(api)
+        assert status == 503, body
+        assert body["status"] == "unavailable"
+        assert body["checks"]["redis"] == "ok" and body["checks"]["scripts"] == "ok"
+        assert body["checks"]["postgres"].startswith("error"), body
 
 
 async def test_redis_back_empty_rebuilds_the_sale_from_postgres(

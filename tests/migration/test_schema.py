@@ -340,12 +340,7 @@ async def empty_dsn(server_urls: tuple[str, str]) -> AsyncIterator[str]:
 @pytest.fixture(scope="module")
 async def migrated_dsn(server_urls: tuple[str, str]) -> AsyncIterator[str]:
     """One fresh database with every migration applied, for the invariant tests."""
-    async with fresh_database(server_urls[1]) as dsn:
-        c = await asyncpg.connect(dsn)
-        try:
-            await migrate.migrate(c)
-        finally:
-            await c.close()
+    async with support_fresh_database(server_urls[1], "flashsale_schema") as dsn:
         yield dsn
 
 
