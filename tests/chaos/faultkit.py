@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import time
@@ -30,7 +31,7 @@ from flashsale.backends import Backends
 from flashsale.ledger import ledger
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
-from tests.chaos.harness import RedisServer, wait_drained
+from tests.chaos.harness import RedisServer, paced, wait_drained
 from tests.chaos.history import History
 from tests.support import JWT_SECRET
 
@@ -194,30 +195,8 @@ class Buyers:
 
     async def paced(self, buys: Iterable[Buy], rate_per_s: float, stop: asyncio.Event) -> int:
         """Start buys at ``rate_per_s`` until ``stop``; wait for the started ones."""
-        loop = asyncio.get_running_loop()
-        sem = asyncio.Semaphore(self.concurrency)
-        tasks: set[asyncio.Task[KeyHistory]] = set()
-        next_at = loop.time()
-        started = 0
-        for b in buys:
-            if stop.is_set():
-                break
-            await sem.acquire()
-            task = asyncio.create_task(self.buy(b))
-            started += 1
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            task.add_done_callback(lambda _t: sem.release())
-            next_at += 1.0 / rate_per_s
-            delay = next_at - loop.time()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-            else:
-                next_at = loop.time()
-        if tasks:
-            await asyncio.gather(*tasks)
-        return started
+        jobs = (functools.partial(self.buy, b) for b in buys)
+        return await paced(jobs, rate_per_s, self.concurrency, stop)
 
     # -- figures --------------------------------------------------------------
 

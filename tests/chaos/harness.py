@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import itertools
 import json
 import os
 import random
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -413,28 +414,43 @@ class LoadGenerator:
         return Request(user, f"{self.tag}-{self._seq}", self.quantity)
 
     async def run(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        sem = asyncio.Semaphore(self.concurrency)
-        tasks: set[asyncio.Task[None]] = set()
-        interval = 1.0 / self.rate_per_s
         connector = TCPConnector(limit=self.concurrency)
         async with ClientSession(connector=connector, timeout=ClientTimeout(total=10)) as session:
+            jobs = itertools.repeat(lambda: self.send(session, self.next_request(), stop))
+            await paced(jobs, self.rate_per_s, self.concurrency, stop)
+
+
+async def paced(
+    jobs: Iterable[Callable[[], Coroutine[Any, Any, object]]], rate_per_s: float,
+    concurrency: int, stop: asyncio.Event,
+) -> int:
+    """Start the jobs at ``rate_per_s``, at most ``concurrency`` at once, until
+    ``stop`` or the jobs run out (an open-loop load that falls back to the
+    schedule after a stall); wait for the started ones. Returns how many started."""
+    loop = asyncio.get_running_loop()
+    sem = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[object]] = set()
+    next_at = loop.time()
+    started = 0
+    for job in jobs:
+        if stop.is_set():
+            break
+        await sem.acquire()
+        task = asyncio.create_task(job())
+        started += 1
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        task.add_done_callback(lambda _t: sem.release())
+        next_at += 1.0 / rate_per_s
+        delay = next_at - loop.time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        else:
             next_at = loop.time()
-            while not stop.is_set():
-                await sem.acquire()
-                task = asyncio.create_task(self.send(session, self.next_request(), stop))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                task.add_done_callback(lambda _t: sem.release())
-                next_at += interval
-                delay = next_at - loop.time()
-                if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
-                else:
-                    next_at = loop.time()
-            if tasks:
-                await asyncio.gather(*tasks)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return started
 
 
 async def burst(
