@@ -54,6 +54,12 @@ _EXPIRE_DUE = """
 WITH due AS (
     SELECT order_id FROM orders
     WHERE status = 'awaiting_payment' AND expires_at <= now()
+      -- a payment delivered while the hold was live, kept in the payment inbox
+      -- until the order was persisted: the inbox applies it (paid), not expiry
+      AND NOT EXISTS (
+          SELECT 1 FROM payment_inbox i
+          WHERE i.order_id = orders.order_id AND i.applied_at IS NULL
+            AND i.type = 'payment.succeeded' AND i.received_at < orders.expires_at)
     ORDER BY expires_at
     LIMIT $1
     FOR UPDATE SKIP LOCKED
@@ -246,9 +252,11 @@ class Compensator:
         full = self._b.settings.compensator_batch_max
         expired = await self.expire_due()
         unpersisted = await self.expire_unpersisted()
+        inbox = await self.apply_payment_inbox()
         swept = await self.sweep_outbox()
         restocked = await self.sweep_restocks()
         backlog = max(expired, swept, restocked) >= full or bool(self._unpersisted_cursor)
+        backlog = backlog or inbox >= self._b.settings.payment_inbox_batch_max
         return expired + unpersisted + swept, backlog
 
     async def expire_due(self) -> int:
@@ -300,6 +308,14 @@ class Compensator:
         if done:
             self._m.releases.labels("expired").inc(len(done))
         return len(done)
+
+    async def apply_payment_inbox(self) -> int:
+        """Gateway events kept for orders that were not persisted yet: a bounded
+        batch of those due, applied now that the order is in PostgreSQL (or
+        refunded: it never will be), the rest backed off. See payment.py."""
+        from flashsale import payment  # payment imports this module
+
+        return await payment.apply_inbox(self._b)
 
     async def sweep_outbox(self) -> int:
         rows = await self._b.pg.fetch(

@@ -103,6 +103,11 @@ class Settings:
     # compensator
     compensator_interval_s: float = 0.25
     compensator_batch_max: int = 500
+    # payment inbox: webhook events kept for orders not persisted yet (payment.py),
+    # applied by the compensator a bounded batch per round, retried with backoff
+    payment_inbox_batch_max: int = 100
+    payment_inbox_backoff_base_s: float = 0.1
+    payment_inbox_backoff_max_s: float = 2.0
     # postgres
     pg_pool_min: int = 2
     pg_pool_max: int = 10
@@ -171,6 +176,12 @@ class Settings:
                 env, "FLASHSALE_CONSUMER_CLAIM_IDLE_MS", 5_000, 100, 3_600_000
             ),
             consumer_max_deliveries=_int(env, "FLASHSALE_CONSUMER_MAX_DELIVERIES", 5, 1, 100),
+            payment_inbox_batch_max=_int(
+                env, "FLASHSALE_PAYMENT_INBOX_BATCH_MAX", 100, 1, 10_000
+            ),
+            payment_inbox_backoff_max_s=_int(
+                env, "FLASHSALE_PAYMENT_INBOX_BACKOFF_MAX_MS", 2000, 100, 600_000
+            ) / 1000,
             admin_token=secrets_["admin_token"],
             jwt_secret=secrets_["jwt_secret"],
             webhook_secret=secrets_["webhook_secret"],

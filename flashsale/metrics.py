@@ -44,6 +44,14 @@ class Metrics:
         self.releases = Counter(
             "flashsale_releases", "Holds released by reason", ["reason"], registry=r
         )
+        self.payment_inbox_events = Gauge(
+            "flashsale_payment_inbox_events",
+            "Gateway events kept for orders not persisted yet, not applied yet", registry=r,
+        )
+        self.payment_inbox_oldest_age = Gauge(
+            "flashsale_payment_inbox_oldest_age_seconds",
+            "Age of the oldest gateway event waiting in the payment inbox (0: none)", registry=r,
+        )
 
         self._children: dict[tuple[str, str], Any] = {}
 

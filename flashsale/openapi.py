@@ -47,7 +47,9 @@ ORDER_STATUSES: Final = (
 )
 PAYMENT_STATUSES: Final = ("requires_payment",)
 WEBHOOK_EVENT_TYPES: Final = ("payment.succeeded", "payment.failed")
-WEBHOOK_OUTCOMES: Final = ("paid", "refunded", "payment_failed", "no_change", "duplicate")
+WEBHOOK_OUTCOMES: Final = (
+    "paid", "refunded", "payment_failed", "no_change", "duplicate", "queued"
+)
 SETTLE_OUTCOMES: Final = ("succeeded", "failed")
 LEDGER_FIGURES: Final = (
     "stock",
@@ -424,7 +426,7 @@ def _schemas() -> JSONObject:
         ),
         "WebhookAck": _object(
             {
-                "status": _enum(("ok",), "The event is processed (now or before)."),
+                "status": _enum(("ok",), "The event is ours: processed (now or before), or kept."),
                 "event_id": _string(description="The event's id."),
                 "outcome": _enum(
                     WEBHOOK_OUTCOMES,
@@ -432,7 +434,9 @@ def _schemas() -> JSONObject:
                     "no longer payable (expired, cancelled, failed), a refund is recorded and "
                     "the order stays as it was; `payment_failed`: the order stays payable; "
                     "`no_change`: the payment was settled already; `duplicate`: this "
-                    "`event_id` was processed before, nothing changed.",
+                    "`event_id` was processed (or kept) before, nothing changed; `queued`: "
+                    "the order is not persisted yet, the event is kept durably and applied "
+                    "once it is (or refunded if the order is released first).",
                 ),
             },
             description="200 body of the webhook.",
@@ -763,7 +767,8 @@ def _webhook_paths() -> JSONObject:
                 "public",
                 {
                     "200": _response(
-                        "Processed, or an already processed `event_id`.", _schema("WebhookAck")
+                        "Processed, kept for an order not persisted yet, or an already "
+                        "processed `event_id`.", _schema("WebhookAck")
                     ),
                     "400": _error_response(
                         "Bad or missing signature, timestamp more than 300 s from now "
@@ -777,8 +782,10 @@ def _webhook_paths() -> JSONObject:
                 "token. `payment.succeeded` with the right amount on a payable order makes it "
                 "`paid` (then `shipped`); on an `expired` or `cancelled` order it records a "
                 "refund instead. `payment.failed` leaves the order payable until it expires. "
-                "An event for an order still `pending` (not yet persisted) answers 503 with "
-                "`Retry-After` and changes nothing; the gateway retries.",
+                "An event for an order still `pending` (not yet persisted) is kept durably "
+                "(outcome `queued`) and applied exactly once when the consumer persists the "
+                "order, or refunded when the order is released first. 503 only when "
+                "PostgreSQL cannot take the event; the gateway retries.",
                 parameters=[_ref("parameters", "FlashsaleSignature")],
                 request_body=_request_body("WebhookEvent", "The gateway event."),
             )

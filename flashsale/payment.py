@@ -13,9 +13,25 @@ then its payment). ``payment.succeeded`` moves ``awaiting_payment -> paid``
 only while the hold is live (``expires_at > now()``): whoever commits first
 wins against expiry and cancel. Money taken for an order that can no longer
 take it (cancelled, expired, failed, never persisted) is refunded, and the
-order is never resurrected. An event for an order not persisted yet answers
-503 (retryable) and changes nothing: the gateway retries, and by then the
-consumer has written it (or the compensator has expired it).
+order is never resurrected.
+
+An event for an order not persisted yet (``pending``, only in Redis) is kept
+in the payment inbox (``payment_inbox``, unique on the event id: a replayed
+delivery adds nothing) and answered 200 ``queued``: from then on the event is
+ours, durably, whatever the gateway's retries do. The compensator's inbox
+loop (``apply_inbox``, a bounded batch per round, exponential backoff capped
+while the order is still pending) sends each kept event through the same
+path as a delivery, ``_settle``: once the order is in PostgreSQL it is paid
+(then shipped), or refunded if it was released first (expired, cancelled,
+failed); if it is neither in PostgreSQL nor pending in Redis (dead-lettered,
+lost) it never will be, and the payment is refunded (``order_missing``).
+Exactly once: the application inserts the event id into ``webhook_events``
+and closes the inbox row in one transaction. A kept event is judged as of
+its delivery (``received_at``): a payment delivered while the hold was live
+pays the order even if the hold ran out before the consumer caught up (the
+expiry sweep leaves such an order to the inbox). Only a payment made through
+``POST /pay`` can be settled, so an event naming any other order id (another
+sale's, garbage) is refused with 400 and kept nowhere.
 """
 
 from __future__ import annotations
@@ -246,7 +262,7 @@ class _OrderMissing(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Applied:
-    outcome: str  # paid | refunded | payment_failed | no_change | duplicate
+    outcome: str  # paid | refunded | payment_failed | no_change | duplicate | queued
     order_id: str
     sale_id: str | None = None
     payment_id: str | None = None
@@ -261,8 +277,10 @@ ON CONFLICT (event_id) DO NOTHING
 RETURNING event_id
 """
 
+# $2: when the event was delivered (an inbox event), else NULL: now
 _LOCK_ORDER = """
-SELECT status, expires_at > now() AS live, sale_id FROM orders WHERE order_id = $1 FOR UPDATE
+SELECT status, expires_at > coalesce($2::timestamptz, now()) AS live, sale_id
+FROM orders WHERE order_id = $1 FOR UPDATE
 """
 
 _TAKE_PAYMENT = """
@@ -274,7 +292,8 @@ RETURNING payment_id
 _MARK_PAID = """
 WITH o AS (
     UPDATE orders SET status = 'paid', payment_id = $2, updated_at = now()
-    WHERE order_id = $1 AND status = 'awaiting_payment' AND expires_at > now()
+    WHERE order_id = $1 AND status = 'awaiting_payment'
+      AND expires_at > coalesce($3::timestamptz, now())
     RETURNING order_id
 ), s AS (
     INSERT INTO order_sagas (order_id) SELECT order_id FROM o ON CONFLICT DO NOTHING RETURNING 1
@@ -284,15 +303,35 @@ SELECT order_id FROM o
 
 
 async def process(b: Backends, ev: Event) -> Applied:
-    """Apply one verified event exactly once (see the module docstring)."""
-    try:
-        applied = await _apply_in_tx(b, ev, order_gone=False)
-    except _OrderMissing:
-        if await _pending_in_redis(b, ev.order_id):
-            raise errors.Unavailable("the order is not persisted yet; retry") from None
-        applied = await _apply_in_tx(b, ev, order_gone=True)  # never will be: refund
+    """Apply one verified event exactly once, or keep it in the inbox while its
+    order is not persisted yet (see the module docstring)."""
+    applied = await _settle(b, ev)
+    if applied is None:
+        kept = await b.pg.fetchval(
+            _INBOX_KEEP, ev.event_id, ev.type, ev.payment_id, ev.order_id, ev.amount_cents,
+            ev.payload(),
+        )
+        return Applied("queued" if kept is not None else "duplicate", ev.order_id)
     await _after_commit(b, applied)
     return applied
+
+
+async def _settle(b: Backends, ev: Event) -> Applied | None:
+    """Apply the event now (committed); None while its order may still be
+    persisted: pending in Redis, or Redis cannot tell."""
+    try:
+        return await _apply_in_tx(b, ev, order_gone=False)
+    except _OrderMissing:
+        pass
+    try:
+        if await _pending_in_redis(b, ev.order_id):
+            return None
+    except (RedisError, OSError) as exc:
+        log.warning("order %s: Redis cannot tell whether it is pending (%r)", ev.order_id, exc)
+        return None
+    # not pending and (checked again under the lock) not in PostgreSQL: the
+    # consumer acks only after its commit, so the order never will be: refund
+    return await _apply_in_tx(b, ev, order_gone=True)
 
 
 async def _apply_in_tx(b: Backends, ev: Event, *, order_gone: bool) -> Applied:
@@ -308,9 +347,11 @@ async def _apply_in_tx(b: Backends, ev: Event, *, order_gone: bool) -> Applied:
         fresh = await conn.fetchval(
             _INSERT_EVENT, ev.event_id, ev.type, ev.payment_id, ev.order_id, ev.payload()
         )
+        # kept in the inbox earlier: judged as of its delivery, closed in this commit
+        kept_at = await conn.fetchval(_INBOX_KEPT_AT, ev.event_id)
         if fresh is None:
-            return Applied("duplicate", ev.order_id)
-        if ev.type == "payment.failed":
+            applied = Applied("duplicate", ev.order_id)
+        elif ev.type == "payment.failed":
             failed = await conn.fetchval(
                 "UPDATE payments SET status = 'failed', updated_at = now() "
                 "WHERE payment_id = $1 AND status = 'requires_payment' RETURNING 1",
@@ -318,24 +359,30 @@ async def _apply_in_tx(b: Backends, ev: Event, *, order_gone: bool) -> Applied:
             )
             applied = Applied("payment_failed" if failed else "no_change", ev.order_id)
         else:
-            applied = await _succeeded(b, conn, ev, pay["sale_id"], order_gone=order_gone)
-        await conn.execute(
-            "UPDATE webhook_events SET outcome = $2 WHERE event_id = $1",
-            ev.event_id, applied.outcome,
-        )
+            applied = await _succeeded(
+                b, conn, ev, pay["sale_id"], order_gone=order_gone, as_of=kept_at
+            )
+        if fresh is not None:
+            await conn.execute(
+                "UPDATE webhook_events SET outcome = $2 WHERE event_id = $1",
+                ev.event_id, applied.outcome,
+            )
+        if kept_at is not None:
+            await conn.execute(_INBOX_APPLIED, ev.event_id, applied.outcome)
         return applied
 
 
 async def _succeeded(
-    b: Backends, conn: Conn, ev: Event, sale_id: str, *, order_gone: bool
+    b: Backends, conn: Conn, ev: Event, sale_id: str, *, order_gone: bool,
+    as_of: datetime | None,
 ) -> Applied:
-    order = await conn.fetchrow(_LOCK_ORDER, ev.order_id)  # orders first, then payments
+    order = await conn.fetchrow(_LOCK_ORDER, ev.order_id, as_of)  # orders, then payments
     if order is None and not order_gone:
         raise _OrderMissing()
     if await conn.fetchval(_TAKE_PAYMENT, ev.payment_id) is None:
         return Applied("no_change", ev.order_id)  # settled already by another event
     if order is not None and order["status"] == "awaiting_payment" and order["live"]:
-        await conn.fetchval(_MARK_PAID, ev.order_id, ev.payment_id)
+        await conn.fetchval(_MARK_PAID, ev.order_id, ev.payment_id, as_of)
         return Applied("paid", ev.order_id, sale_id, ev.payment_id, ev.amount_cents)
     released = None
     if order is None:
@@ -375,3 +422,89 @@ async def _after_commit(b: Backends, applied: Applied) -> None:
             "order_paid", applied.order_id, applied.sale_id,
             {"payment_id": applied.payment_id or "", "amount_cents": applied.amount_cents},
         )])
+
+
+# --------------------------------------------------------------------------- the inbox
+
+INBOX_BACKOFF_DOUBLINGS_MAX = 30  # 2**30 x base is far past any cap: no float overflow
+ERROR_MAX_CHARS = 500
+
+_INBOX_KEEP = """
+INSERT INTO payment_inbox (event_id, type, payment_id, order_id, amount_cents, payload)
+VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+ON CONFLICT (event_id) DO NOTHING
+RETURNING event_id
+"""
+
+_INBOX_KEPT_AT = """
+SELECT received_at FROM payment_inbox WHERE event_id = $1 AND applied_at IS NULL
+"""
+
+_INBOX_APPLIED = """
+UPDATE payment_inbox SET applied_at = now(), outcome = $2, last_error = NULL
+WHERE event_id = $1 AND applied_at IS NULL
+"""
+
+# a batch of due events, each claimed by pushing its next attempt out by its
+# backoff (base x 2^attempts, capped): a crashed or a concurrent loop leaves it
+# for that long, and applying twice is harmless (webhook_events decides)
+_INBOX_CLAIM = """
+WITH due AS (
+    SELECT event_id FROM payment_inbox
+    WHERE applied_at IS NULL AND next_attempt_at <= now()
+    ORDER BY next_attempt_at LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE payment_inbox i SET attempts = i.attempts + 1,
+    next_attempt_at = now() + make_interval(secs => least(
+        $3::float8, $2::float8 * power(2, least(i.attempts, $4::int))))
+FROM due WHERE i.event_id = due.event_id
+RETURNING i.event_id, i.type, i.payment_id, i.order_id, i.amount_cents
+"""
+
+_INBOX_STATS = """
+SELECT count(*) AS events,
+       coalesce(extract(epoch FROM now() - min(received_at)), 0)::float8 AS oldest_age_s
+FROM payment_inbox WHERE applied_at IS NULL
+"""
+
+
+async def apply_inbox(b: Backends) -> int:
+    """One bounded round of the inbox: each due event goes through the webhook's
+    own path again (``_settle``): applied once its order is in PostgreSQL (paid,
+    or refunded if released), refunded when the order can never be persisted,
+    else left for its next attempt. Returns the events attempted."""
+    s = b.settings
+    rows = await b.pg.fetch(
+        _INBOX_CLAIM, s.payment_inbox_batch_max, s.payment_inbox_backoff_base_s,
+        s.payment_inbox_backoff_max_s, INBOX_BACKOFF_DOUBLINGS_MAX,
+    )
+    for r in rows:
+        ev = Event(r["event_id"], r["type"], r["payment_id"], r["order_id"], r["amount_cents"])
+        try:
+            applied = await _settle(b, ev)
+        except errors.InvalidRequest as exc:  # its payment no longer matches: never will
+            log.error("inbox event %s rejected: %s", ev.event_id, exc.message)
+            await b.pg.execute(
+                "UPDATE payment_inbox SET applied_at = now(), outcome = 'rejected', "
+                "last_error = $2 WHERE event_id = $1 AND applied_at IS NULL",
+                ev.event_id, exc.message[:ERROR_MAX_CHARS],
+            )
+            continue
+        except (asyncpg.PostgresError, RedisError, OSError) as exc:  # retried at its next attempt
+            log.warning("inbox event %s: attempt failed (%r)", ev.event_id, exc)
+            await b.pg.execute(
+                "UPDATE payment_inbox SET last_error = $2 WHERE event_id = $1",
+                ev.event_id, repr(exc)[:ERROR_MAX_CHARS],
+            )
+            continue
+        if applied is not None:
+            await _after_commit(b, applied)
+    return len(rows)
+
+
+async def inbox_stats(b: Backends) -> tuple[int, float]:
+    """Events kept and not applied yet, and the age in seconds of the oldest."""
+    row = await b.pg.fetchrow(_INBOX_STATS)
+    assert row is not None
+    return int(row["events"]), float(row["oldest_age_s"])

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale import migrate
+from flashsale import migrate, payment
 from flashsale.openapi import build_openapi
 from flashsale.web.keys import BACKENDS, METRICS
 from flashsale.web.middleware import json_response
@@ -68,6 +68,13 @@ async def metrics(request: web.Request) -> web.Response:
         m.stream_lag.set(sum(int(x) for x in lengths))
     except Exception:  # metrics must answer even when a backend does not
         m.stream_lag.set(float("nan"))
+    try:
+        waiting, oldest_age_s = await payment.inbox_stats(b)
+        m.payment_inbox_events.set(waiting)
+        m.payment_inbox_oldest_age.set(oldest_age_s)
+    except Exception:  # as above
+        m.payment_inbox_events.set(float("nan"))
+        m.payment_inbox_oldest_age.set(float("nan"))
     return web.Response(
         body=m.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

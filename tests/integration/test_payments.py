@@ -90,13 +90,17 @@ async def test_a_pending_order_is_payable_and_its_webhook_waits_for_persistence(
 
     event = shop.event(p)
     status, body = await shop.webhook(event)
-    assert status == 503 and body["error"]["code"] == "unavailable"
-    assert await _webhook_rows(shop, oid) == 0  # nothing recorded: the gateway retries
+    assert (status, body["outcome"]) == (200, "queued")  # kept in the payment inbox
+    assert await _webhook_rows(shop, oid) == 0  # not applied yet: the order is pending
 
     await shop.api.drain(sid)
-    status, body = await shop.webhook(event)
+    status, body = await shop.webhook(event)  # a retry now applies it (the inbox then won't)
     assert (status, body["outcome"]) == (200, "paid")
     assert await shop.status_of(oid) == "paid"
+    await shop.api.compensate()
+    assert await shop.value(
+        "SELECT outcome FROM payment_inbox WHERE event_id = $1", event["event_id"]) == "paid"
+    assert await _webhook_rows(shop, oid) == 1
 
 
 async def test_payment_failed_leaves_the_order_payable(shop: Shop) -> None:

@@ -251,6 +251,36 @@ SCHEMA: dict[int, dict[str, Table]] = {
             },
         ),
     },
+    4: {
+        "payment_inbox": Table(
+            columns=(
+                ("event_id", "text", NOT_NULL),
+                ("type", "text", NOT_NULL),
+                ("payment_id", "text", NOT_NULL),
+                ("order_id", "text", NOT_NULL),
+                ("amount_cents", "bigint", NOT_NULL),
+                ("payload", "jsonb", NOT_NULL),
+                ("received_at", TZ, NOT_NULL),
+                ("attempts", "integer", NOT_NULL),
+                ("next_attempt_at", TZ, NOT_NULL),
+                ("last_error", "text", NULL),
+                ("applied_at", TZ, NULL),
+                ("outcome", "text", NULL),
+            ),
+            constraints={
+                "payment_inbox_pkey": "p",
+                "payment_inbox_payment_id_fkey": "f",
+                "payment_inbox_event_id_check": "c",
+                "payment_inbox_type_check": "c",
+                "payment_inbox_amount_cents_check": "c",
+                "payment_inbox_attempts_check": "c",
+                "payment_inbox_outcome_check": "c",
+                "payment_inbox_check": "c",  # applied iff an outcome
+            },
+            indexes=frozenset({"payment_inbox_pkey", "payment_inbox_due",
+                               "payment_inbox_waiting"}),
+        ),
+    },
 }
 
 # the migrations runner's own ledger, present whatever the migrations are
