@@ -25,7 +25,10 @@ key and payment, and each Idempotency-Key's first decided reply. Rules:
   ``order_not_payable``), ``settle`` through the mock gateway's admin
   endpoint or a webhook we sign ourselves (then replayed: ``duplicate``;
   and a forged copy: 400, nothing changes), with ``payment.succeeded`` or
-  ``payment.failed``; ``ship`` runs the fulfilment saga;
+  ``payment.failed``; a success for an order still ``pending`` is kept in the
+  payment inbox (200 ``queued``) and applied, by the compensator's inbox
+  round, as soon as the order is in PostgreSQL (persisted, or cancelled while
+  pending); ``ship`` runs the fulfilment saga;
 * ``cancel`` (200, or 409 ``order_not_cancellable``);
 * ``expire``: an order's hold runs out. Waiting ``hold_seconds`` would make
   the test slow and timing-dependent, so the rule sets the order's
@@ -187,6 +190,7 @@ class MOrder:
     in_pg: bool = False  # an order row exists in PostgreSQL
     lapsed: bool = False  # its hold ran out (expires_at in the past), not swept yet
     payment: MPayment | None = None
+    kept: int = 0  # payment.succeeded events in the payment inbox, not applied yet
 
     @property
     def amount(self) -> int:
@@ -434,7 +438,8 @@ class LedgerMachine(RuleBasedStateMachine):
                 return 200, "payment_failed"
             return 200, "no_change"
         if not o.in_pg:
-            return 503, None  # not persisted yet: the gateway retries later
+            o.kept += 1  # not persisted yet: kept in the inbox, applied once it is
+            return 200, "queued"
         if p.status not in ("requires_payment", "failed"):
             return 200, "no_change"
         if o.status == "awaiting_payment" and not o.lapsed:
@@ -499,6 +504,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if o.status in ("pending", "awaiting_payment"):
             assert (status, body["status"]) == (200, "cancelled"), (o, body)
             o.status, o.in_pg = "cancelled", True
+            self.apply_inbox()
         else:
             assert (status, body["error"]["code"]) == (409, "order_not_cancellable"), (o, body)
 
@@ -568,6 +574,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 o = self.orders[order_id]
                 if not o.in_pg:
                     o.status, o.in_pg = "awaiting_payment", True
+            self.apply_inbox()
 
     async def _crash(self, count: int, after_commit: bool) -> list[str]:
         """A consumer reads up to ``count`` entries and dies before acking them."""
@@ -591,6 +598,29 @@ class LedgerMachine(RuleBasedStateMachine):
         for o in self.orders.values():
             if not o.in_pg:
                 o.status, o.in_pg = "awaiting_payment", True
+        self.apply_inbox()
+
+    def apply_inbox(self) -> None:
+        """The compensator's payment-inbox round, right after orders reached
+        PostgreSQL: each kept event has the effect a delivery would have now."""
+        if not any(o.kept and o.in_pg for o in self.orders.values()):
+            return
+        self.run(self._apply_inbox())
+        for o in self.orders.values():
+            if o.in_pg:
+                while o.kept:
+                    o.kept -= 1
+                    self.webhook_effect(o, "succeeded")
+
+    async def _apply_inbox(self) -> None:
+        """Every kept event due now (its backoff is what the clock would have run
+        out; those of orders still pending are pushed out again), rounds until none."""
+        b = self.shop.b
+        await b.pg.execute(
+            "UPDATE payment_inbox SET next_attempt_at = now() WHERE applied_at IS NULL")
+        comp = Compensator(b, Metrics(), name="sm-inbox")
+        while await comp.apply_payment_inbox():
+            pass
 
     async def _drain(self) -> None:
         """A consumer (re)starts: reclaims what dead consumers left, persists the rest."""
@@ -788,9 +818,10 @@ def test_state_machine_lifecycle_walk(chaos_settings: Settings, figures: Figures
         check(lambda: m.replay(i=len(m.keys) - 1, variant="same"))
         check(lambda: m.consumer(action="crash_after_commit", count=1))  # a: committed, unacked
         check(lambda: m.consumer(action="crash_before_commit", count=1))  # b: read, lost
-        check(lambda: m.pay(i=at(c), live=False, then="succeeded"))  # c pending: 503
-        check(lambda: m.consumer(action="restart", count=1))  # reclaims a and b, persists c
-        assert all(m.orders[x].status == "awaiting_payment" for x in (a, b, c))
+        check(lambda: m.pay(i=at(c), live=False, then="succeeded"))  # c pending: queued
+        check(lambda: m.consumer(action="restart", count=1))  # reclaims a, b; persists c
+        assert all(m.orders[x].status == "awaiting_payment" for x in (a, b))
+        assert m.orders[c].status == "paid"  # the inbox applied c's kept payment
         check(lambda: m.pay(i=at(a), live=False, then="succeeded"))  # a paid
         check(m.ship)
         check(lambda: m.pay(i=at(b), live=False, then="failed"))  # b payable again
@@ -800,20 +831,26 @@ def test_state_machine_lifecycle_walk(chaos_settings: Settings, figures: Figures
         paid_for = [o for o in m.orders.values() if o.payment]
         check(lambda: m.settle(i=at(b, paid_for), outcome="succeeded", via="signed",
                                live=False))  # refunded, b expired right there
+        check(lambda: m.reserve(user=1, qty=1, keyed=False))
+        e = newest()
+        check(lambda: m.consumer(action="restart", count=1))
         awaiting = [o for o in m.orders.values() if o.status == "awaiting_payment"]
-        check(lambda: m.expire(i=at(c, awaiting), sweep=False))
-        check(lambda: m.expire(i=at(c, awaiting), sweep=True))  # drawn again: swept now
+        check(lambda: m.expire(i=at(e, awaiting), sweep=False))
+        check(lambda: m.expire(i=at(e, awaiting), sweep=True))  # drawn again: swept now
         check(lambda: m.restock(qty=2))
-        check(lambda: m.reserve(user=2, qty=2, keyed=False))
+        check(lambda: m.reserve(user=2, qty=1, keyed=False))
         d = newest()
-        check(lambda: m.cancel(i=at(d)))  # cancelled while pending
+        check(lambda: m.pay(i=at(d), live=False, then="succeeded"))  # d pending: queued
+        check(lambda: m.cancel(i=at(d)))  # cancelled while pending: kept payment refunded
+        assert m.orders[d].payment is not None and m.orders[d].payment.status == "refunded"
         check(lambda: m.cancel(i=at(d)))  # 409 order_not_cancellable
         check(lambda: m.cancel(i=at(a)))  # shipped: 409
         check(lambda: m.consumer(action="restart", count=1))
         m.teardown()
-        want = {"paid", "503", "payment_failed", "refunded"}
+        want = {"paid", "queued", "payment_failed", "refunded"}
         assert want <= {k.removeprefix("webhook_") for k in env.outcomes}, env.outcomes
-        assert {m.orders[x].status for x in (a, b, c, d)} == {"shipped", "expired", "cancelled"}
+        assert {m.orders[x].status for x in (a, b, c, d, e)} == {
+            "shipped", "expired", "cancelled"}
         figures.update(steps=env.steps, rules=dict(sorted(env.rules.items())),
                        webhooks=dict(sorted(env.outcomes.items())),
                        history=dict(env.verdicts))
