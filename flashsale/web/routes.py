@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
+from aiohttp.streams import StreamReader
 
 from flashsale import errors, ledger, orders, sales, validate
 from flashsale.reserve import Refused
@@ -20,13 +21,27 @@ RESTOCK_MAX = 1_000_000
 
 
 async def read_body(request: web.Request) -> bytes:
+    """The whole body (every handler reads through here), however it is split
+    on the wire: at most ``body_max_bytes``, a Content-Length past it refused
+    before a byte is read, a chunked body stopped at the bound."""
     limit = request.app[SETTINGS].body_max_bytes
     if request.content_length is not None and request.content_length > limit:
         raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
-    return raw
+    try:
+        return await _read_bounded(request.content, limit)
+    except (web.RequestPayloadError, ConnectionError, EOFError):
+        raise errors.InvalidRequest("the request body is malformed or ended early") from None
+
+
+async def _read_bounded(content: StreamReader, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.read(limit + 1 - size):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+    return b"".join(parts)
 
 
 def buyer(request: web.Request) -> str:
