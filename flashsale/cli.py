@@ -23,6 +23,7 @@ from flashsale.integrations import Integrations
 from flashsale.metrics import Metrics
 from flashsale.persist import run_consumers
 from flashsale.saga import SagaRunner
+from flashsale.web import front
 from flashsale.web.app import Workers, _periodic_rebuild, create_app
 
 WORKERS_MAX = 64
@@ -139,11 +140,9 @@ async def _up(s: Settings) -> int:
 
 async def _serve(s: Settings, workers: Workers, *, announce: bool) -> int:
     stop = runtime.stop_event()
-    runner = web.AppRunner(create_app(s, workers), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, s.host, s.port, reuse_port=True, backlog=4096)
-    await site.start()
-    port = runner.addresses[0][1] if runner.addresses else s.port
+    runner = await front.start(create_app(s, workers), s, s.host, s.port,
+                               reuse_port=True, backlog=4096)
+    port = front.bound_port(runner)
     if announce:
         _announce(s, port)
     await stop.wait()

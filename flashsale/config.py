@@ -90,6 +90,11 @@ class Settings:
     rate_global_per_s: float = 0.0
     rate_limited_delay_s: float = 1.0  # a buyer's 429 is held this long (admission.py)
     body_max_bytes: int = 16 * 1024
+    # HTTP connections (flashsale/web/front.py): slow or idle clients never hold a slot long
+    http_header_timeout_s: float = 10.0  # connect or first byte -> request head complete
+    http_body_timeout_s: float = 10.0  # a handler's whole read of a body (<= body_max_bytes)
+    http_keepalive_idle_s: float = 15.0  # response sent -> first byte of the next request
+    http_max_connections: int = 4096  # open connections per process (clamped to the fd limit)
     quantity_max: int = 1_000_000
     redis_timeout_s: float = 2.0
     # consumer
@@ -182,6 +187,12 @@ class Settings:
             payment_inbox_backoff_max_s=_int(
                 env, "FLASHSALE_PAYMENT_INBOX_BACKOFF_MAX_MS", 2000, 100, 600_000
             ) / 1000,
+            http_header_timeout_s=_int(env, "FLASHSALE_HTTP_HEADER_TIMEOUT_S", 10, 1, 300),
+            http_body_timeout_s=_int(env, "FLASHSALE_HTTP_BODY_TIMEOUT_S", 10, 1, 300),
+            http_keepalive_idle_s=_int(env, "FLASHSALE_HTTP_KEEPALIVE_IDLE_S", 15, 1, 3600),
+            http_max_connections=_int(
+                env, "FLASHSALE_HTTP_MAX_CONNECTIONS", 4096, 1, 1_000_000
+            ),
             admin_token=secrets_["admin_token"],
             jwt_secret=secrets_["jwt_secret"],
             webhook_secret=secrets_["webhook_secret"],

@@ -109,6 +109,12 @@ class PayloadTooLarge(FlashsaleError):
     status, code = 400, "invalid_request"
 
 
+class RequestTimeout(FlashsaleError):
+    """The request was not received in time."""
+
+    status, code = 408, "request_timeout"
+
+
 class RateLimited(FlashsaleError):
     """Too many requests; retry later."""
 

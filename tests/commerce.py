@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import orjson
 from aiohttp import ClientSession, web
-from aiohttp.test_utils import TestServer
 
 from flashsale import events
 from flashsale.backends import Backends
@@ -22,6 +21,7 @@ from flashsale.integrations import Integrations
 from flashsale.logistics import MockCarrier
 from flashsale.payment import SIGNATURE_HEADER, signature
 from flashsale.saga import SagaRunner
+from flashsale.web import front
 from flashsale.web.app import create_app
 from flashsale.web.keys import BACKENDS, INTEGRATIONS
 from tests.support import WEBHOOK_SECRET, Api, test_settings
@@ -167,12 +167,12 @@ async def park_leftovers(b: Backends) -> None:
 async def running_shop(settings: Settings) -> AsyncIterator[Shop]:
     """The HTTP front alone (no background loops), with its app at hand."""
     app = create_app(settings)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
+    runner = await front.start(app, settings, "127.0.0.1", 0)
     try:
         async with ClientSession() as session:
-            api = Api(session, str(server.make_url("")).rstrip("/"), settings, app[BACKENDS])
+            base = f"http://127.0.0.1:{front.bound_port(runner)}"
+            api = Api(session, base, settings, app[BACKENDS])
             await park_leftovers(api.backends)
             yield Shop(api, app)
     finally:
-        await server.close()
+        await runner.cleanup()

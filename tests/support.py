@@ -14,7 +14,6 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 from aiohttp import ClientResponse, ClientSession
-from aiohttp.test_utils import TestServer
 
 from flashsale import auth, migrate
 from flashsale.backends import Backends
@@ -22,6 +21,7 @@ from flashsale.compensate import Compensator
 from flashsale.config import Settings
 from flashsale.metrics import Metrics
 from flashsale.persist import Persister
+from flashsale.web import front
 from flashsale.web.app import Workers, create_app
 from flashsale.web.keys import BACKENDS
 
@@ -163,14 +163,15 @@ async def fresh_database(
 
 @asynccontextmanager
 async def running_app(settings: Settings, workers: Workers | None = None) -> AsyncIterator[Api]:
+    """The app served as `flashsale serve` serves it (flashsale.web.front), on a free port."""
     app = create_app(settings, workers)
-    server = TestServer(app, host="127.0.0.1", port=0)
-    await server.start_server()
+    runner = await front.start(app, settings, "127.0.0.1", 0)
     try:
         async with ClientSession() as session:
-            yield Api(session, str(server.make_url("")).rstrip("/"), settings, app[BACKENDS])
+            base = f"http://127.0.0.1:{front.bound_port(runner)}"
+            yield Api(session, base, settings, app[BACKENDS])
     finally:
-        await server.close()
+        await runner.cleanup()
 
 
 async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.05) -> Any:

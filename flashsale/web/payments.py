@@ -13,6 +13,7 @@ from flashsale import errors, payment, validate
 from flashsale.breaker import CircuitOpen
 from flashsale.gateway import OUTCOMES, GatewayError
 from flashsale.integrations import Integrations
+from flashsale.web import front
 from flashsale.web.keys import BACKENDS, INTEGRATIONS, SETTINGS
 from flashsale.web.middleware import json_response
 from flashsale.web.routes import admin, buyer, read_body
@@ -101,6 +102,9 @@ def setup(app: web.Application) -> None:
     """Register the routes and the process's integrations (closed on cleanup)."""
     app[INTEGRATIONS] = Integrations.from_settings(app[SETTINGS])
     app.on_cleanup.append(_close)
-    app.router.add_post("/api/v1/orders/{order_id}/pay", pay_order)
-    app.router.add_post(WEBHOOK_PATH, payment_webhook)
-    app.router.add_post("/api/v1/admin/gateway/payments/{payment_id}/settle", settle_payment)
+    body = front.expect_continue  # a Content-Length past the bound: no "100 Continue"
+    app.router.add_post("/api/v1/orders/{order_id}/pay", pay_order, expect_handler=body)
+    app.router.add_post(WEBHOOK_PATH, payment_webhook, expect_handler=body)
+    app.router.add_post(
+        "/api/v1/admin/gateway/payments/{payment_id}/settle", settle_payment, expect_handler=body
+    )

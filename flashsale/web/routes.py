@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
+from aiohttp.streams import StreamReader
 
 from flashsale import errors, ledger, orders, sales, validate
 from flashsale.reserve import Refused
 from flashsale.scripts import RESERVE_ERRORS
+from flashsale.web import front
 from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
 from flashsale.web.middleware import json_response
 
@@ -20,13 +23,37 @@ RESTOCK_MAX = 1_000_000
 
 
 async def read_body(request: web.Request) -> bytes:
-    limit = request.app[SETTINGS].body_max_bytes
+    """The whole body (every handler reads through here), however it is split
+    on the wire: at most ``body_max_bytes``, a Content-Length past it refused
+    before a byte is read, a chunked body stopped at the bound; all of it
+    within ``http_body_timeout_s`` (else 408 and the connection closes)."""
+    settings = request.app[SETTINGS]
+    limit = settings.body_max_bytes
     if request.content_length is not None and request.content_length > limit:
         raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
-    return raw
+    try:
+        if request.content.is_eof():  # all of it has arrived (the common case): no timer
+            return await _read_bounded(request.content, limit)
+        async with asyncio.timeout(settings.http_body_timeout_s):
+            return await _read_bounded(request.content, limit)
+    except TimeoutError:
+        front.close_after_response(request)
+        raise errors.RequestTimeout(
+            f"the request body was not received within {settings.http_body_timeout_s:g} s"
+        ) from None
+    except (web.RequestPayloadError, ConnectionError, EOFError):
+        raise errors.InvalidRequest("the request body is malformed or ended early") from None
+
+
+async def _read_bounded(content: StreamReader, limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.read(limit + 1 - size):
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+    return b"".join(parts)
 
 
 def buyer(request: web.Request) -> str:
@@ -136,11 +163,12 @@ async def cancel_order(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    body = front.expect_continue  # a Content-Length past the bound: no "100 Continue"
     # the hot route first: aiohttp tries routes in the order they were added
-    app.router.add_post("/api/v1/sales/{sale_id}/orders", create_order)
-    app.router.add_post("/api/v1/sales", create_sale)
+    app.router.add_post("/api/v1/sales/{sale_id}/orders", create_order, expect_handler=body)
+    app.router.add_post("/api/v1/sales", create_sale, expect_handler=body)
     app.router.add_get("/api/v1/sales/{sale_id}", get_sale, allow_head=False)
-    app.router.add_post("/api/v1/sales/{sale_id}/restock", restock_sale)
+    app.router.add_post("/api/v1/sales/{sale_id}/restock", restock_sale, expect_handler=body)
     app.router.add_get("/api/v1/admin/sales/{sale_id}/ledger", get_ledger, allow_head=False)
     app.router.add_get("/api/v1/orders/{order_id}", get_order, allow_head=False)
-    app.router.add_post("/api/v1/orders/{order_id}/cancel", cancel_order)
+    app.router.add_post("/api/v1/orders/{order_id}/cancel", cancel_order, expect_handler=body)

@@ -144,10 +144,33 @@ def test_bad_port(raw: str) -> None:
         ("FLASHSALE_REDIS_APPENDFSYNC", "sometimes"),
         ("FLASHSALE_KEY_PREFIX", "a:b"),
         ("FLASHSALE_KEY_PREFIX", "{tag}"),
+        ("FLASHSALE_HTTP_HEADER_TIMEOUT_S", "0"),
+        ("FLASHSALE_HTTP_HEADER_TIMEOUT_S", "301"),
+        ("FLASHSALE_HTTP_HEADER_TIMEOUT_S", "2.5"),
+        ("FLASHSALE_HTTP_BODY_TIMEOUT_S", "0"),
+        ("FLASHSALE_HTTP_BODY_TIMEOUT_S", "ten"),
+        ("FLASHSALE_HTTP_KEEPALIVE_IDLE_S", "0"),
+        ("FLASHSALE_HTTP_KEEPALIVE_IDLE_S", "3601"),
+        ("FLASHSALE_HTTP_MAX_CONNECTIONS", "0"),
+        ("FLASHSALE_HTTP_MAX_CONNECTIONS", "-5"),
     ],
 )
 def test_other_invalid_values(var: str, raw: str) -> None:
     assert var in config_error(**{var: raw})
+
+
+def test_http_connection_bounds_default_and_given() -> None:
+    s = from_env()
+    assert (s.http_header_timeout_s, s.http_body_timeout_s, s.http_keepalive_idle_s) == (
+        10, 10, 15
+    )
+    assert s.http_max_connections == 4096
+    given = from_env(
+        FLASHSALE_HTTP_HEADER_TIMEOUT_S="5", FLASHSALE_HTTP_BODY_TIMEOUT_S="20",
+        FLASHSALE_HTTP_KEEPALIVE_IDLE_S="75", FLASHSALE_HTTP_MAX_CONNECTIONS="1000",
+    )
+    assert (given.http_header_timeout_s, given.http_body_timeout_s) == (5, 20)
+    assert (given.http_keepalive_idle_s, given.http_max_connections) == (75, 1000)
 
 
 # -- URLs ------------------------------------------------------------------------------
