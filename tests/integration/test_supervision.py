@@ -235,8 +235,11 @@ async def test_up_exits_with_a_one_line_reason_when_redis_cannot_restart(
         redis_dir.rename(kept)  # the data dir becomes unusable: "redis" is a file now
         redis_dir.write_text("not a directory\n")
         os.kill(found[0], signal.SIGKILL)
+        killed_at = time.monotonic()
         try:
             code = up.proc.wait(timeout=GIVES_UP_WITHIN_S)
+            print(f"\n[supervision] unrestartable redis: `up` exited {code} "
+                  f"{time.monotonic() - killed_at:.2f}s after the kill")
         except Exception:
             raise AssertionError(
                 f"`up` still running {GIVES_UP_WITHIN_S}s after its Redis could not "
