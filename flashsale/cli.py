@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flashsale: configuration error: {exc}", file=sys.stderr)
         return 2
-    runtime.setup_logging()
+    runtime.setup_logging(settings.log_level)
     try:
         return _dispatch(args, settings)
     except KeyboardInterrupt:
@@ -220,5 +220,7 @@ def _serve_many(settings: Settings, workers: int) -> int:
 
         signal.signal(signal.SIGINT, forward)
         signal.signal(signal.SIGTERM, forward)
+        # an embedded server that died for good stops the workers too
+        runtime.on_server_failure(lambda _reason: forward(signal.SIGTERM, None))
         codes = [c.wait() for c in children]
     return max(codes, default=0)

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 SECRET_MIN_CHARS = 16
 SECRET_MAX_CHARS = 512
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(Exception):
@@ -39,6 +40,11 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be between {lo} and {hi} (got {value})")
     return value
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name) or None
+    return Path(raw) if raw is not None else None
 
 
 def _url(
@@ -80,6 +86,13 @@ class Settings:
     key_prefix: str = "fs"
     redis_cluster: bool = False
     redis_appendfsync: str = "everysec"
+    log_level: str = "INFO"
+    # embedded servers (flashsale/embedded.py), for whichever URL is unset
+    embedded_user: str | None = None  # runs them under root; else the cluster's owner, nobody
+    embedded_redis_server: Path | None = None  # a redis-server binary to prefer
+    embedded_pg_bin_dir: Path | None = None  # a directory with initdb and postgres to prefer
+    embedded_restart_max: int = 5  # restarts of a dead server within the window; 0: none
+    embedded_restart_window_s: int = 60
     # reservation path
     idempotency_ttl_s: int = 86_400
     reserve_batch_max: int = 256
@@ -153,6 +166,9 @@ class Settings:
         fsync = env.get("FLASHSALE_REDIS_APPENDFSYNC", "everysec")
         if fsync not in ("always", "everysec", "no"):
             raise ConfigError("FLASHSALE_REDIS_APPENDFSYNC must be always, everysec or no")
+        log_level = (env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper()
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(f"FLASHSALE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
         prefix = env.get("FLASHSALE_KEY_PREFIX", "fs")
         if not prefix or not all(ch.isalnum() or ch in "_-" for ch in prefix):
             raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
@@ -168,6 +184,14 @@ class Settings:
             key_prefix=prefix,
             redis_cluster=env.get("FLASHSALE_REDIS_CLUSTER", "") in ("1", "true", "yes"),
             redis_appendfsync=fsync,
+            log_level=log_level,
+            embedded_user=env.get("FLASHSALE_EMBEDDED_USER") or None,
+            embedded_redis_server=_path(env, "FLASHSALE_REDIS_SERVER"),
+            embedded_pg_bin_dir=_path(env, "FLASHSALE_PG_BIN_DIR"),
+            embedded_restart_max=_int(env, "FLASHSALE_EMBEDDED_RESTART_MAX", 5, 0, 100),
+            embedded_restart_window_s=_int(
+                env, "FLASHSALE_EMBEDDED_RESTART_WINDOW_S", 60, 1, 3600
+            ),
             idempotency_ttl_s=_int(env, "FLASHSALE_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
             consumer_batch_max=_int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
             consumer_concurrency=_int(env, "FLASHSALE_CONSUMER_CONCURRENCY", 4, 1, 32),

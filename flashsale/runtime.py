@@ -4,23 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
 import signal
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 
 from flashsale.config import Settings
+from flashsale.secrets_file import SECRETS_FILE as SECRETS_FILE
+from flashsale.secrets_file import keep_secrets
+
+if TYPE_CHECKING:
+    from flashsale.embedded import EmbeddedServers
 
 T = TypeVar("T")
 log = logging.getLogger("flashsale")
 
-SECRETS_FILE = "secrets.json"
 _SECRET_VARS = {
     "FLASHSALE_ADMIN_TOKEN": "admin_token",
     "FLASHSALE_JWT_SECRET": "jwt_secret",
@@ -28,11 +31,27 @@ _SECRET_VARS = {
 }
 
 
-def setup_logging() -> None:
+class _OneLineExceptions(logging.Filter):
+    """A library's expected error, logged with its traceback, on one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {exc}"
+            record.args = None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """``level`` is Settings.log_level (FLASHSALE_LOG_LEVEL)."""
     logging.basicConfig(
-        level=os.environ.get("FLASHSALE_LOG_LEVEL", "INFO").upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # asyncpg's pool logs a traceback each time it cannot refill itself, e.g.
+    # while an embedded PostgreSQL is being restarted
+    logging.getLogger("asyncpg.pool").addFilter(_OneLineExceptions())
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -42,11 +61,33 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 def stop_event() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM (installed on the running loop)."""
+    """An event set by SIGINT or SIGTERM (installed on the running loop), or
+    when an embedded server died for good (see :func:`backing_servers`)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+
+    def server_failed(_reason: str) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed already
+            loop.call_soon_threadsafe(stop.set)
+
+    on_server_failure(server_failed)
     return stop
+
+
+# The embedded servers behind this process (set by backing_servers).
+_servers: list[EmbeddedServers] = []
+_servers_lock = threading.Lock()
+
+
+def on_server_failure(listener: Callable[[str], None]) -> None:
+    """Call ``listener(reason)`` (from another thread) when an embedded server
+    of this process died and could not be restarted."""
+    with _servers_lock:
+        current = list(_servers)
+    for servers in current:
+        servers.add_failure_listener(listener)
 
 
 def keep_generated_secrets(settings: Settings) -> Settings:
@@ -55,22 +96,10 @@ def keep_generated_secrets(settings: Settings) -> Settings:
     across restarts of `flashsale up`."""
     if not settings.generated:
         return settings
-    path = settings.data_dir / SECRETS_FILE
-    stored: dict[str, str] = {}
-    if path.exists():
-        with contextlib.suppress(ValueError, OSError):
-            stored = json.loads(path.read_text())
-    for var in settings.generated:
-        stored[var] = stored.get(var) or getattr(settings, _SECRET_VARS[var])
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    # 0600 from the first byte: write_text-then-chmod left the secrets readable
-    # by anyone (umask 022) for a moment, in a data dir others may traverse
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        os.fchmod(f.fileno(), 0o600)  # a leftover tmp keeps its old mode otherwise
-        f.write(json.dumps(stored, indent=2))
-    tmp.replace(path)
+    def generated(var: str) -> Callable[[], str]:
+        return lambda: str(getattr(settings, _SECRET_VARS[var]))
+
+    stored = keep_secrets(settings.data_dir, {var: generated(var) for var in settings.generated})
     return replace(
         settings,
         admin_token=stored["FLASHSALE_ADMIN_TOKEN"] if "FLASHSALE_ADMIN_TOKEN" in settings.generated
@@ -84,20 +113,27 @@ def keep_generated_secrets(settings: Settings) -> Settings:
 
 @contextlib.contextmanager
 def backing_servers(settings: Settings) -> Iterator[Settings]:
-    """Settings with both URLs: the configured ones, or embedded child servers."""
+    """Settings with both URLs: the configured ones, or embedded child servers.
+
+    The embedded servers are supervised: a dead one is restarted on its port.
+    If one cannot be, :func:`stop_event` fires (the command stops as on
+    SIGTERM) and leaving this context raises EmbeddedError with the one-line
+    reason, which the CLI prints before exiting with status 1.
+    """
     if settings.redis_url and settings.database_url:
         yield settings
         return
-    from flashsale.embedded import EmbeddedServers
+    from flashsale.embedded import EmbeddedError, EmbeddedServers
 
-    servers = EmbeddedServers(
-        Path(settings.data_dir).resolve(),
-        redis=settings.redis_url is None,
-        postgres=settings.database_url is None,
-        appendfsync=settings.redis_appendfsync,
-    )
+    servers = EmbeddedServers.from_settings(settings, Path(settings.data_dir).resolve())
     servers.start()
+    with _servers_lock:
+        _servers.append(servers)
     try:
         yield settings.with_urls(servers.redis_url, servers.database_url)
     finally:
+        with _servers_lock:
+            _servers.remove(servers)
         servers.stop()
+        if servers.failure is not None:
+            raise EmbeddedError(servers.failure)

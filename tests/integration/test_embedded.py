@@ -5,16 +5,22 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import pytest
 import redis
 
 from flashsale.embedded import EmbeddedServers
@@ -22,19 +28,18 @@ from flashsale.embedded import EmbeddedServers
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _searchable(path: Path) -> Path:
-    """Let the unprivileged server user (used under root) reach ``path``.
-
-    pytest makes its temp dirs 0700; add o+x up to the system temp dir.
-    """
-    if os.geteuid() == 0:
-        top = Path(tempfile.gettempdir()).resolve()
-        for directory in (path, *path.parents):
-            if directory == top or top not in directory.parents:
-                break
-            mode = stat.S_IMODE(directory.stat().st_mode)
-            directory.chmod(mode | stat.S_IXOTH)
-    return path
+@pytest.fixture
+def own_dir() -> Iterator[Path]:
+    """A fresh directory right under the system temp dir, searchable by all:
+    under root the servers run as an unprivileged user, and pytest's tmp_path
+    parent (/tmp/pytest-of-root) is made 0700 again by any pytest session that
+    starts meanwhile."""
+    path = Path(tempfile.mkdtemp(prefix="flashsale-embedded-")).resolve()
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:
@@ -72,14 +77,18 @@ async def _pg_values(url: str) -> list[str]:
         await conn.close()
 
 
-def test_start_use_stop_and_reuse_data(tmp_path: Path) -> None:
-    data_dir = _searchable(tmp_path) / "data"
+def test_start_use_stop_and_reuse_data(own_dir: Path) -> None:
+    data_dir = own_dir / "data"
     servers = EmbeddedServers(data_dir)
     servers.start()
     try:
         assert servers.redis_url and servers.database_url
-        assert servers.redis_url.startswith("redis://127.0.0.1:")
-        assert servers.database_url.endswith("/flashsale")
+        assert re.fullmatch(r"redis://:[A-Za-z0-9_-]{16,}@127\.0\.0\.1:\d+/0", servers.redis_url)
+        assert re.fullmatch(
+            r"postgresql://flashsale:[A-Za-z0-9_-]{16,}@127\.0\.0\.1:\d+/flashsale",
+            servers.database_url,
+        )
+        assert "***" in repr(servers) and servers.redis_url not in repr(servers)
         pids = [p for p in (servers.redis_pid, servers.postgres_pid) if p is not None]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
 
@@ -162,9 +171,9 @@ def _read_pids(proc: subprocess.Popen[bytes], pid_file: Path, timeout_s: float) 
     return pids
 
 
-def test_servers_die_with_sigkilled_parent(tmp_path: Path) -> None:
-    data_dir = _searchable(tmp_path) / "data"
-    pid_file = tmp_path / "pids.json"
+def test_servers_die_with_sigkilled_parent(own_dir: Path) -> None:
+    data_dir = own_dir / "data"
+    pid_file = own_dir / "pids.json"
     proc = _start_child(data_dir, pid_file)
     pids = _read_pids(proc, pid_file, 120.0)
     assert len(pids) == 2 and all(_alive(p) for p in pids)
@@ -181,3 +190,121 @@ def test_servers_die_with_sigkilled_parent(tmp_path: Path) -> None:
         assert client.get("survivor") == b"yes"
         client.close()
         assert asyncio.run(_pg_values(again.database_url)) == ["committed"]
+
+
+# -- passwords ------------------------------------------------------------------
+
+REDIS_PASSWORD_SECRET = "FLASHSALE_EMBEDDED_REDIS_PASSWORD"
+POSTGRES_PASSWORD_SECRET = "FLASHSALE_EMBEDDED_POSTGRES_PASSWORD"
+LEGACY_TRUST_HBA = """# as `initdb --auth=trust` wrote it for clusters made before passwords
+local   all             all                                     trust
+host    all             all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+local   replication     all                                     trust
+host    replication     all             127.0.0.1/32            trust
+host    replication     all             ::1/128                 trust
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_dir() -> Iterator[Path]:
+    """One data dir (one initdb) for the password tests."""
+    path = Path(tempfile.mkdtemp(prefix="flashsale-embedded-")).resolve()
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _raw_redis(port: int, *commands: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(b"".join(commands))
+        return sock.recv(4096)
+
+
+def test_embedded_redis_requires_its_password(shared_dir: Path) -> None:
+    with EmbeddedServers(shared_dir, postgres=False) as servers:
+        port, pid = servers.redis_port, servers.redis_pid
+        assert port and pid and servers.redis_url
+        set_stock = b"*3\r\n$3\r\nSET\r\n$8\r\nfs:stock\r\n$1\r\n0\r\n"
+        assert _raw_redis(port, set_stock).startswith(b"-NOAUTH"), "no password needed"
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, password="not-the-password").ping()
+        client = redis.Redis.from_url(servers.redis_url)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+        stored = json.loads((shared_dir / "secrets.json").read_text())
+        assert f":{stored[REDIS_PASSWORD_SECRET]}@" in servers.redis_url
+        assert stat.S_IMODE((shared_dir / "secrets.json").stat().st_mode) == 0o600
+        conf = shared_dir / "redis" / "redis.conf"  # the password, readable by its owner only
+        assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        assert stored[REDIS_PASSWORD_SECRET] not in cmdline
+
+
+async def _pg_login(**kw: Any) -> None:
+    conn = await asyncpg.connect(user="flashsale", database="flashsale", timeout=5, **kw)
+    await conn.close()
+
+
+def _pg_refused(**kw: Any) -> bool:
+    try:
+        asyncio.run(_pg_login(**kw))
+    except (asyncpg.InvalidPasswordError, asyncpg.InvalidAuthorizationSpecificationError):
+        return True
+    return False
+
+
+def test_embedded_postgres_requires_its_password(shared_dir: Path) -> None:
+    with EmbeddedServers(shared_dir, redis=False) as servers:
+        port, url = servers.postgres_port, servers.database_url
+        assert port and url
+        assert _pg_refused(host="127.0.0.1", port=port), "TCP login without a password"
+        assert _pg_refused(host="127.0.0.1", port=port, password="not-the-password")
+        assert _pg_refused(host=str(shared_dir / "run"), port=port), "Unix socket, no password"
+        asyncio.run(_pg_login(dsn=url))
+        stored = json.loads((shared_dir / "secrets.json").read_text())
+        assert f":{stored[POSTGRES_PASSWORD_SECRET]}@" in url
+    hba = (shared_dir / "postgres" / "pg_hba.conf").read_text()
+    rules = [line.split() for line in hba.splitlines() if line and not line.startswith("#")]
+    assert rules and all(rule[-1] == "scram-sha-256" for rule in rules), hba
+
+
+async def _drop_password(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("ALTER ROLE flashsale PASSWORD NULL")
+    finally:
+        await conn.close()
+
+
+def test_a_cluster_made_without_a_password_gets_one(shared_dir: Path) -> None:
+    """A data dir from before passwords (trust rules, no password for the role,
+    none in secrets.json) keeps working, and is password-protected from then on."""
+    with EmbeddedServers(shared_dir, redis=False) as servers:
+        assert servers.database_url
+        asyncio.run(_drop_password(servers.database_url))
+    hba = shared_dir / "postgres" / "pg_hba.conf"
+    owner = hba.stat()
+    hba.write_text(LEGACY_TRUST_HBA)
+    os.chown(hba, owner.st_uid, owner.st_gid)
+    secrets_file = shared_dir / "secrets.json"
+    stored = json.loads(secrets_file.read_text())
+    stored.pop(POSTGRES_PASSWORD_SECRET, None)
+    secrets_file.write_text(json.dumps(stored))
+
+    with EmbeddedServers(shared_dir, redis=False) as servers:
+        port, url = servers.postgres_port, servers.database_url
+        assert port and url
+        assert _pg_refused(host="127.0.0.1", port=port), "still trusted after the upgrade"
+        asyncio.run(_pg_login(dsn=url))
+        new_password = json.loads(secrets_file.read_text())[POSTGRES_PASSWORD_SECRET]
+        assert f":{new_password}@" in url
+    # and the next start is an ordinary one
+    with EmbeddedServers(shared_dir, redis=False) as servers:
+        assert servers.database_url and servers.postgres_port
+        asyncio.run(_pg_login(dsn=servers.database_url))
+        assert _pg_refused(host="127.0.0.1", port=servers.postgres_port)
