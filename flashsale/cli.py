@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import orjson
 from aiohttp import web
 
-from flashsale import auth, errors, ledger, migrate, runtime
+from flashsale import auth, errors, heartbeat, ledger, migrate, runtime, worker_http
 from flashsale.backends import open_backends
 from flashsale.compensate import Compensator
 from flashsale.config import ConfigError, Settings
@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flashsale: configuration error: {exc}", file=sys.stderr)
         return 2
-    runtime.setup_logging()
+    runtime.setup_logging(settings.log_format)
     try:
         return _dispatch(args, settings)
     except KeyboardInterrupt:
@@ -169,20 +169,28 @@ async def _loop(s: Settings, which: str) -> int:
     stop = runtime.stop_event()
     async with open_backends(s) as b:
         m = Metrics()
+        integrations: Integrations | None = None
         if which == "consumer":
-            await run_consumers(b, m, stop)
+            coros = [run_consumers(b, m, stop)]
+            port = s.consume_metrics_port
         else:
             app = web.Application()
             from flashsale.web.keys import BACKENDS
 
             app[BACKENDS] = b
             integrations = Integrations.from_settings(s)  # the saga's gateway and carrier
-            try:
-                await asyncio.gather(
-                    Compensator(b, m).run(stop), _periodic_rebuild(app, stop),
-                    SagaRunner(b, integrations).run(stop), Notifier(b).run(stop),
-                )
-            finally:
+            coros = [
+                Compensator(b, m).run(stop), _periodic_rebuild(app, stop),
+                SagaRunner(b, integrations).run(stop), Notifier(b).run(stop),
+            ]
+            port = s.compensate_metrics_port
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        beats = heartbeat.start(b, which == "consumer", which == "compensator", tasks, stop)
+        try:
+            async with worker_http.serving(s.metrics_host, port, m, which, tasks):
+                await asyncio.gather(*tasks, *beats)
+        finally:
+            if integrations is not None:
                 await integrations.close()
     return 0
 

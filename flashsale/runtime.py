@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from flashsale import logs
 from flashsale.config import Settings
 
 T = TypeVar("T")
@@ -28,11 +29,9 @@ _SECRET_VARS = {
 }
 
 
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("FLASHSALE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(fmt: str = "text") -> None:
+    """Text or JSON lines (FLASHSALE_LOG_FORMAT, see flashsale/logs.py)."""
+    logs.setup(fmt, os.environ.get("FLASHSALE_LOG_LEVEL", "INFO"))
 
 
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale import migrate
+from flashsale import migrate, observe
 from flashsale.openapi import build_openapi
 from flashsale.web.keys import BACKENDS, METRICS
 from flashsale.web.middleware import json_response
@@ -68,6 +68,7 @@ async def metrics(request: web.Request) -> web.Response:
         m.stream_lag.set(sum(int(x) for x in lengths))
     except Exception:  # metrics must answer even when a backend does not
         m.stream_lag.set(float("nan"))
+    await observe.refresh(b, m)  # live sales, backends, workers (flashsale/observe.py)
     return web.Response(
         body=m.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )
