@@ -15,6 +15,7 @@ import logging
 import re
 import secrets
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -24,7 +25,11 @@ from flashsale.web.keys import SETTINGS
 
 HEADER = "X-Request-Id"
 SANE_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
-REQUEST_ID = "flashsale_request_id"  # the request's own key (a str)
+# the request's own storage key (aiohttp >= 3.13 has typed request keys)
+REQUEST_ID: Any = (
+    web.RequestKey("flashsale_request_id", str) if hasattr(web, "RequestKey")
+    else "flashsale_request_id"
+)
 
 access_log = logging.getLogger("flashsale.access")
 
