@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,7 @@ async def test_end_sale_refuses_reservations_on_every_front(
     async with running_app(settings) as other:  # a second front process on the same backends
         assert (await other.reserve(sid, "before"))[0] == 202
         before = datetime.now(UTC)
-        status, ended, resp = await api.request(
+        status, ended, _ = await api.request(
             "POST", f"/api/v1/sales/{sid}/end", headers=api.admin
         )
         assert status == 200, ended
@@ -113,7 +114,7 @@ async def test_admin_events_stream_live_figures(api: Api, settings: Settings) ->
     )
     assert headers["Content-Type"].startswith("text/event-stream")
     assert headers[HEADER]
-    gaps = [b["at"] - a["at"] for a, b in zip(events, events[1:], strict=False)]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(events)]
     assert all(g <= 1.5 for g in gaps), gaps  # at least one event a second
     last = events[-1]
     mine = [s for s in last["sales"] if s["sale"]["sale_id"] == sid]

@@ -268,6 +268,11 @@ function lineChart(canvas, legend, t, lines, unit) {
       pen = true;
     });
     ctx.stroke();
+    ctx.fillStyle = l.color;  // a second alone (no neighbour to join) is a dot
+    l.values.forEach((v, i) => {
+      const alone = (i === 0 || l.values[i - 1] === null) && (i === n - 1 || l.values[i + 1] === null);
+      if (v !== null && alone) { ctx.beginPath(); ctx.arc(x(i), y(v), 2.5, 0, 2 * Math.PI); ctx.fill(); }
+    });
   }
   legend.replaceChildren(...lines.map((l) => {
     const s = document.createElement("span");
