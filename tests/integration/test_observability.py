@@ -189,8 +189,12 @@ def test_promtool_checks_and_fires_every_rule() -> None:
     assert alerts <= fired, alerts - fired
 
 
-async def test_status_and_reconcile_all(api: Api, settings: Settings) -> None:
-    env = env_for(settings)
+async def test_status_and_reconcile_all(own_db: Settings) -> None:
+    async with running_app(own_db) as api:  # only this test's sales are live in its database
+        await _status_and_reconcile_all(api, env_for(own_db))
+
+
+async def _status_and_reconcile_all(api: Api, env: dict[str, str]) -> None:
     a = await api.create_sale(stock=30, per_user_limit=5)
     b = await api.create_sale(stock=5)
     for i in range(4):
