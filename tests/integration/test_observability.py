@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
-from flashsale.config import Settings
+from flashsale.config import ConfigError, Settings
 from tests.integration.test_cli import clean_env, flashsale_cmd, run_cli
 from tests.support import Api, eventually, fresh_database, running_app, test_settings
 
@@ -174,6 +174,13 @@ def test_worker_metrics_off_unless_configured() -> None:
     s = Settings.from_env({"FLASHSALE_METRICS_PORT": "9100",
                            "FLASHSALE_CONSUME_METRICS_PORT": "9101"})
     assert (s.consume_metrics_port, s.compensate_metrics_port) == (9101, 9100)
+    for var, bad in (("FLASHSALE_LOG_FORMAT", "xml"), ("FLASHSALE_ACCESS_LOG", "yes"),
+                     ("FLASHSALE_CONSUME_METRICS_PORT", "70000"),
+                     ("FLASHSALE_ADMIN_EVENTS_INTERVAL_MS", "5000"),
+                     ("FLASHSALE_LIVE_SALES_MAX", "0")):
+        with pytest.raises(ConfigError, match=var):
+            Settings.from_env({var: bad})
+    assert Settings.from_env({"FLASHSALE_ACCESS_LOG": "0"}).access_log is False
 
 
 def test_promtool_checks_and_fires_every_rule() -> None:
