@@ -8,7 +8,7 @@ RUNTIME_STAMP := $(VENV)/.flashsale-runtime
 export PY VENV
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-runtime servers run test lint typecheck chaos bench soak loadtest clean
+.PHONY: help venv venv-runtime servers tools rules run test lint typecheck chaos bench soak loadtest clean
 
 help:
 	@echo "make run        start Redis, PostgreSQL, HTTP API, consumer and compensator (flashsale up)"
@@ -45,8 +45,18 @@ servers: venv-runtime
 run: venv-runtime servers
 	$(BIN)/flashsale up
 
+# Headless Chromium + chromedriver (the dashboard's browser test) and promtool
+# (the alert rules), from Debian when missing.
+tools:
+	@bash scripts/ensure-tools.sh
+
+# The Prometheus alert rules: valid, and each one fires on its synthetic series.
+rules: tools
+	promtool check rules deploy/prometheus/rules.yml
+	cd deploy/prometheus && promtool test rules rules_test.yml
+
 # Lint and typecheck first; any failure stops here with a non-zero status.
-test: venv servers lint typecheck
+test: venv servers tools lint typecheck rules
 	$(BIN)/pytest -q tests
 
 lint: venv

@@ -65,6 +65,7 @@ class Lab:
             "FLASHSALE_DATA_DIR": str(self.workdir / "data"),
             "FLASHSALE_HOST": "127.0.0.1",
             "FLASHSALE_LOG_LEVEL": "WARNING",
+            "FLASHSALE_ACCESS_LOG": "0",  # no access log line per request in a benchmark
             "PYTHONUNBUFFERED": "1",
         })
         env.update(extra)

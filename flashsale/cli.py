@@ -1,4 +1,5 @@
-"""`flashsale` command line: up, serve, consume, compensate, migrate, token, reconcile."""
+"""`flashsale` command line: up, serve, consume, compensate, migrate, token, reconcile,
+status."""
 
 from __future__ import annotations
 
@@ -14,7 +15,16 @@ from collections.abc import Sequence
 import orjson
 from aiohttp import web
 
-from flashsale import auth, errors, ledger, migrate, runtime
+from flashsale import (
+    auth,
+    errors,
+    heartbeat,
+    ledger,
+    migrate,
+    runtime,
+    status,
+    worker_http,
+)
 from flashsale.backends import open_backends
 from flashsale.compensate import Compensator
 from flashsale.config import ConfigError, Settings
@@ -43,9 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="print a buyer JWT")
     tok.add_argument("user_id")
     tok.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
-    rec = sub.add_parser("reconcile", help="print a sale's ledger (exit 1 when inconsistent)")
-    rec.add_argument("sale_id")
+    rec = sub.add_parser(
+        "reconcile", help="print a sale's ledger, or check every live sale with --all "
+        "(exit 1 when inconsistent)",
+    )
+    rec.add_argument("sale_id", nargs="?")
     rec.add_argument("--repair", action="store_true", help="rebuild Redis from PostgreSQL first")
+    rec.add_argument("--all", action="store_true", dest="all_live",
+                     help="check every live sale (progress on stderr)")
+    st = sub.add_parser("status", help="a table of the live sales (the dashboard's numbers)")
+    st.add_argument("--watch", action="store_true", help="redraw until Ctrl-C")
+    st.add_argument("--interval", type=float, default=1.0,
+                    help="seconds between redraws with --watch (0.2..60, default 1)")
     return p
 
 
@@ -56,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flashsale: configuration error: {exc}", file=sys.stderr)
         return 2
-    runtime.setup_logging(settings.log_level)
+    runtime.setup_logging(settings.log_format, settings.log_level)
     try:
         return _dispatch(args, settings)
     except KeyboardInterrupt:
@@ -85,6 +104,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     cmd = args.command
     if cmd == "token":
         return _token(settings, args.user_id, args.ttl)
+    if cmd == "reconcile" and (args.all_live == (args.sale_id is not None) or
+                               (args.all_live and args.repair)):
+        print("flashsale: reconcile takes a SALE_ID, or --all (without --repair)",
+              file=sys.stderr)
+        return 2
     settings = runtime.keep_generated_secrets(settings)
     if cmd == "serve" and args.workers != 1:
         return _serve_many(settings, args.workers)
@@ -100,7 +124,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if cmd == "migrate":
             return runtime.run(lambda: _migrate(s))
         if cmd == "reconcile":
+            if args.all_live:
+                return runtime.run(lambda: _reconcile_all(s))
             return runtime.run(lambda: _reconcile(s, args.sale_id, args.repair))
+        if cmd == "status":
+            return runtime.run(lambda: _status(s, args.watch, args.interval))
     raise AssertionError(cmd)
 
 
@@ -168,20 +196,28 @@ async def _loop(s: Settings, which: str) -> int:
     stop = runtime.stop_event()
     async with open_backends(s) as b:
         m = Metrics()
+        integrations: Integrations | None = None
         if which == "consumer":
-            await run_consumers(b, m, stop)
+            coros = [run_consumers(b, m, stop)]
+            port = s.consume_metrics_port
         else:
             app = web.Application()
             from flashsale.web.keys import BACKENDS
 
             app[BACKENDS] = b
             integrations = Integrations.from_settings(s)  # the saga's gateway and carrier
-            try:
-                await asyncio.gather(
-                    Compensator(b, m).run(stop), _periodic_rebuild(app, stop),
-                    SagaRunner(b, integrations).run(stop), Notifier(b).run(stop),
-                )
-            finally:
+            coros = [
+                Compensator(b, m).run(stop), _periodic_rebuild(app, stop),
+                SagaRunner(b, integrations).run(stop), Notifier(b).run(stop),
+            ]
+            port = s.compensate_metrics_port
+        tasks = [asyncio.ensure_future(c) for c in coros]
+        beats = heartbeat.start(b, which == "consumer", which == "compensator", tasks, stop)
+        try:
+            async with worker_http.serving(s.metrics_host, port, m, which, tasks):
+                await asyncio.gather(*tasks, *beats)
+        finally:
+            if integrations is not None:
                 await integrations.close()
     return 0
 
@@ -195,6 +231,18 @@ async def _reconcile(s: Settings, sale_id: str, repair: bool) -> int:
             return 2
     print(orjson.dumps(figures, option=orjson.OPT_INDENT_2).decode())
     return 0 if figures["consistent"] else 1
+
+
+async def _reconcile_all(s: Settings) -> int:
+    async with open_backends(s) as b:
+        return await status.reconcile_all(b, sys.stdout)
+
+
+async def _status(s: Settings, watch: bool, interval_s: float) -> int:
+    stop = runtime.stop_event()
+    async with open_backends(s) as b:
+        return await status.status(b, watch=watch, interval_s=interval_s, out=sys.stdout,
+                                   stop=stop)
 
 
 def _serve_many(settings: Settings, workers: int) -> int:

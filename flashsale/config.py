@@ -70,6 +70,16 @@ def _url(
     return raw
 
 
+def _port_or_off(env: Mapping[str, str], name: str) -> int | None:
+    """A worker's metrics port: ``name``, else FLASHSALE_METRICS_PORT (one port
+    for a process alone in its container), else None (no listener). 0 asks
+    for an ephemeral port (logged at start)."""
+    for var in (name, "FLASHSALE_METRICS_PORT"):
+        if env.get(var):
+            return _int(env, var, 0, 0, 65535)
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the service reads from its environment, validated."""
@@ -145,6 +155,16 @@ class Settings:
     breaker_failure_threshold: int = 5
     breaker_open_s: float = 5.0
     events_maxlen: int = 100_000
+    # operator's view: logs, the dashboard's live figures, worker metrics endpoints
+    log_format: str = "text"  # text | json (flashsale/logs.py)
+    access_log: bool = True  # one log line per request (flashsale.access, level INFO)
+    consume_metrics_port: int | None = None  # None: no /metrics listener; 0: an ephemeral port
+    compensate_metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    admin_streams_max: int = 16  # concurrent GET /api/v1/admin/events streams per process
+    admin_events_interval_ms: int = 1000
+    live_sales_max: int = 100  # sales shown, exported with a sale_id label, reconciled --all
+    live_ended_grace_s: int = 3600  # an ended sale stays live this long (its holds settle)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -169,6 +189,12 @@ class Settings:
         log_level = (env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper()
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"FLASHSALE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+        log_format = env.get("FLASHSALE_LOG_FORMAT") or "text"
+        if log_format not in ("text", "json"):
+            raise ConfigError(f"FLASHSALE_LOG_FORMAT must be text or json (got {log_format!r})")
+        access_log = env.get("FLASHSALE_ACCESS_LOG") or "1"
+        if access_log not in ("0", "1"):
+            raise ConfigError(f"FLASHSALE_ACCESS_LOG must be 0 or 1 (got {access_log!r})")
         prefix = env.get("FLASHSALE_KEY_PREFIX", "fs")
         if not prefix or not all(ch.isalnum() or ch in "_-" for ch in prefix):
             raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
@@ -217,6 +243,17 @@ class Settings:
             http_max_connections=_int(
                 env, "FLASHSALE_HTTP_MAX_CONNECTIONS", 4096, 1, 1_000_000
             ),
+            log_format=log_format,
+            access_log=access_log == "1",
+            consume_metrics_port=_port_or_off(env, "FLASHSALE_CONSUME_METRICS_PORT"),
+            compensate_metrics_port=_port_or_off(env, "FLASHSALE_COMPENSATE_METRICS_PORT"),
+            metrics_host=env.get("FLASHSALE_METRICS_HOST") or "127.0.0.1",
+            admin_streams_max=_int(env, "FLASHSALE_ADMIN_STREAMS_MAX", 16, 1, 1000),
+            admin_events_interval_ms=_int(
+                env, "FLASHSALE_ADMIN_EVENTS_INTERVAL_MS", 1000, 100, 1000
+            ),
+            live_sales_max=_int(env, "FLASHSALE_LIVE_SALES_MAX", 100, 1, 1000),
+            live_ended_grace_s=_int(env, "FLASHSALE_LIVE_ENDED_GRACE_S", 3600, 0, 30 * 86_400),
             admin_token=secrets_["admin_token"],
             jwt_secret=secrets_["jwt_secret"],
             webhook_secret=secrets_["webhook_secret"],

@@ -38,13 +38,19 @@ async def ledger(b: Backends, sale_id: str) -> dict[str, Any]:
     pending = int(raw_pending) if raw_pending is not None else 0
     stock = int(row["stock"])
     figures = {"stock": stock, "available": available, "pending": pending, **sums}
-    consistent = (
-        in_redis
-        and stock == available + pending + sums["awaiting_payment"] + sums["paid"] + sums["shipped"]
-        and all(v >= 0 for v in figures.values())
-        and int(row["sold"]) == sums["awaiting_payment"] + sums["paid"] + sums["shipped"]
-    )
+    consistent = is_consistent(figures, int(row["sold"]), in_redis)
     return {**figures, "consistent": consistent, "sold": int(row["sold"]), "in_redis": in_redis}
+
+
+def is_consistent(figures: dict[str, int], sold: int, in_redis: bool) -> bool:
+    """The ledger's equation over one sale's figures (stock, available, pending, STATUSES)."""
+    holding = sum(figures[s] for s in HOLDING)
+    return (
+        in_redis
+        and figures["stock"] == figures["available"] + figures["pending"] + holding
+        and all(v >= 0 for v in figures.values())
+        and sold == holding
+    )
 
 
 async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:

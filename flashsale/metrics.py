@@ -52,6 +52,44 @@ class Metrics:
             "flashsale_payment_inbox_oldest_age_seconds",
             "Age of the oldest gateway event waiting in the payment inbox (0: none)", registry=r,
         )
+        # set at scrape time by flashsale/observe.py (front) and flashsale/worker_http.py
+        self.sale_units = Gauge(
+            "flashsale_sale_units", "A live sale's ledger figure (units of stock)",
+            ["sale_id", "figure"], registry=r,
+        )
+        self.sale_consistent = Gauge(
+            "flashsale_sale_ledger_consistent", "1 when a live sale's ledger is consistent",
+            ["sale_id"], registry=r,
+        )
+        self.sale_stream = Gauge(
+            "flashsale_sale_stream_entries",
+            "A live sale's stream: lag (not persisted), pending (delivered, unacked), dead_letter",
+            ["sale_id", "kind"], registry=r,
+        )
+        self.stream_pending = Gauge(
+            "flashsale_stream_pending_entries",
+            "Stream entries delivered to a consumer and not yet acked (live sales)", registry=r,
+        )
+        self.dead_letters = Gauge(
+            "flashsale_dead_letter_entries", "Entries in the dead-letter streams (live sales)",
+            registry=r,
+        )
+        self.ledger_inconsistent = Gauge(
+            "flashsale_ledger_inconsistent_sales", "Live sales whose ledger is inconsistent",
+            registry=r,
+        )
+        self.live_sales = Gauge("flashsale_live_sales", "Sales counted as live", registry=r)
+        self.backend_ready = Gauge(
+            "flashsale_backend_ready", "1 when the backend answers", ["backend"], registry=r
+        )
+        self.workers_alive = Gauge(
+            "flashsale_workers_alive", "Worker processes whose heartbeat is recent, by role",
+            ["role"], registry=r,
+        )
+        self.worker_up = Gauge(
+            "flashsale_worker_up", "1 while this process's worker loops run", ["role"],
+            registry=r,
+        )
 
         self._children: dict[tuple[str, str], Any] = {}
 

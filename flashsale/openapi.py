@@ -876,6 +876,71 @@ def _operations_paths() -> JSONObject:
     }
 
 
+def _operator_paths() -> JSONObject:
+    """Contract v1.1: the kill switch, the live event stream, the dashboard page."""
+    sale_id = _ref("parameters", "SaleId")
+    return {
+        "/api/v1/sales/{sale_id}/end": {
+            "post": _operation(
+                "endSale",
+                "End a sale now",
+                "sales",
+                "admin",
+                {
+                    "200": _response(
+                        "The sale, `status` `ended` and `ends_at` now; an ended sale unchanged.",
+                        _schema("Sale"),
+                    ),
+                    "404": _sale_not_found(),
+                    "503": _unavailable(),
+                },
+                description="The kill switch (no body): from the response on, reservations "
+                "get `409 sale_not_active` on every front process; orders already held stay "
+                "payable until they expire. Ending an ended sale returns it unchanged.",
+                parameters=[sale_id],
+            )
+        },
+        "/api/v1/admin/events": {
+            "get": _operation(
+                "streamAdminEvents",
+                "Live figures of every live sale (Server-Sent Events)",
+                "admin",
+                "admin",
+                {
+                    "200": {
+                        "description": "`text/event-stream`: at least one `event: figures` a "
+                        "second, its `data` one JSON object with `time`, `sales` (per live "
+                        "sale: `sale`, `figures` as in the ledger, `consistent`, `stream` "
+                        "`{lag, pending_entries, dead_letters}`), `totals`, `workers`, "
+                        "`alive` (workers per role) and `series` (reservations per second by "
+                        "outcome, p50/p99 latency in ms, over the last minutes). The stream "
+                        "ends after an hour or at shutdown; reconnect.",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "503": _unavailable(("overloaded",)),
+                },
+                description="Bearer header auth, so read it with fetch() (EventSource "
+                "cannot send one). A bounded number of streams per process.",
+            )
+        },
+        "/admin": {
+            "get": _operation(
+                "adminDashboard",
+                "The operator's live dashboard (HTML)",
+                "admin",
+                "public",
+                {
+                    "200": {
+                        "description": "The page; the admin token is entered in it (kept in "
+                        "session storage, sent as a bearer header, never in a URL or cookie).",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            )
+        },
+    }
+
+
 def build_openapi() -> dict[str, Any]:
     """Return the OpenAPI 3.1.0 document of every endpoint of the v1 contract."""
     return {
@@ -888,7 +953,8 @@ def build_openapi() -> dict[str, Any]:
             '`{"error": {"code": "<snake_case>", "message": "<text>"}}` with '
             "`Content-Type: application/json` (except `GET /readyz` 503). Buyer endpoints take "
             "a JWT bearer token, admin endpoints the admin token; a buyer never sees another "
-            "buyer's order (404, as for an unknown id).",
+            "buyer's order (404, as for an unknown id). Every response carries `X-Request-Id` "
+            "(the request's own when it sends 1-128 characters of `[A-Za-z0-9._-]`).",
         },
         "tags": [
             {"name": "sales", "description": "Sales (admin writes, public reads)."},
@@ -903,6 +969,7 @@ def build_openapi() -> dict[str, Any]:
             **_webhook_paths(),
             **_gateway_paths(),
             **_operations_paths(),
+            **_operator_paths(),
         },
         "components": _components(),
     }

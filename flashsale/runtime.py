@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
 
+from flashsale import logs
 from flashsale.config import Settings
 from flashsale.secrets_file import SECRETS_FILE as SECRETS_FILE
 from flashsale.secrets_file import keep_secrets
@@ -43,12 +44,10 @@ class _OneLineExceptions(logging.Filter):
         return True
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """``level`` is Settings.log_level (FLASHSALE_LOG_LEVEL)."""
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
+    """Text or JSON lines (Settings.log_format, see flashsale/logs.py) at
+    Settings.log_level."""
+    logs.setup(fmt, level)
     # asyncpg's pool logs a traceback each time it cannot refill itself, e.g.
     # while an embedded PostgreSQL is being restarted
     logging.getLogger("asyncpg.pool").addFilter(_OneLineExceptions())

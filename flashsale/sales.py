@@ -128,7 +128,11 @@ async def render(b: Backends, row: asyncpg.Record) -> dict[str, Any]:
     except (RedisError, OSError):
         raw = None
     available = int(raw) if raw is not None else int(row["stock"] - row["sold"])
-    now = datetime.now(UTC)
+    return body(row, available, datetime.now(UTC))
+
+
+def body(row: asyncpg.Record, available: int, now: datetime) -> dict[str, Any]:
+    """The contract's sale body from its row and Redis's live ``available``."""
     return {
         "sale_id": row["sale_id"],
         "sku": row["sku"],
@@ -182,3 +186,38 @@ async def apply_restock(b: Backends, sale_id: str, restock_id: int, quantity: in
             restock_id,
         )
     return result
+
+
+async def end(b: Backends, sale_id: str) -> dict[str, Any]:
+    """End a sale now (contract v1.1, the kill switch for a pricing mistake).
+
+    One guarded statement sets ``ends_at`` to now (and lowers ``starts_at``
+    of a sale ended before it started, so ``ends_at > starts_at`` holds);
+    then lua/end_sale-1.lua lowers ``ends_ms`` in the Redis sale hash, which
+    every front's reserve script reads on each call: from its reply on,
+    reservations answer 409 sale_not_active everywhere. The front's clock
+    sets the instant, the clock the reserve script compares with. An ended
+    sale is returned unchanged (the Redis step is repeated, harmlessly, so a
+    retry after a failed Redis step completes it).
+    """
+    validate.sale_id(sale_id)
+    now = datetime.now(UTC)
+    row = await b.pg.fetchrow(
+        "UPDATE sales SET ends_at = $2, "
+        "starts_at = LEAST(starts_at, $2 - interval '1 millisecond') "
+        "WHERE sale_id = $1 AND (ends_at IS NULL OR ends_at > $2) RETURNING *",
+        sale_id, now,
+    )
+    if row is None:
+        row = await fetch_row(b, sale_id)  # 404, or ended already: unchanged
+    k = b.keys(sale_id)
+    try:
+        await b.scripts.end_sale(
+            keys=[k.sale], args=[to_ms(row["ends_at"]), to_ms(row["starts_at"])]
+        )
+    except (RedisError, OSError) as exc:
+        log.warning("sale %s ended in PostgreSQL, Redis step failed: %r", sale_id, exc)
+        raise errors.Unavailable(
+            "the sale is ended in PostgreSQL but not yet in Redis; retry to complete it"
+        ) from exc
+    return await render(b, row)

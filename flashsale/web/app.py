@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale import ledger
+from flashsale import heartbeat, ledger
 from flashsale.admission import Admission
 from flashsale.auth import Authenticator
 from flashsale.backends import open_backends
@@ -22,7 +22,7 @@ from flashsale.metrics import Metrics
 from flashsale.persist import run_consumers
 from flashsale.reserve import Reserver
 from flashsale.saga import SagaRunner
-from flashsale.web import ops, payments, routes
+from flashsale.web import admin, ops, payments, request_id, routes
 from flashsale.web.keys import (
     ADMISSION,
     AUTH,
@@ -35,6 +35,7 @@ from flashsale.web.keys import (
 )
 from flashsale.web.middleware import error_middleware
 from flashsale.web.rebuilds import Rebuilds
+from flashsale.web.request_id import request_id_middleware
 
 log = logging.getLogger("flashsale.app")
 
@@ -94,6 +95,7 @@ def _workers_ctx(
             loops.append(SagaRunner(b, app[INTEGRATIONS]).run)
             loops.append(Notifier(b).run)
         tasks: list[asyncio.Task[None]] = [asyncio.ensure_future(loop(stop)) for loop in loops]
+        tasks += heartbeat.start(b, workers.consumer, workers.compensator, tasks, stop)
         yield
         stop.set()
         if tasks:
@@ -107,7 +109,8 @@ def _workers_ctx(
 
 def create_app(settings: Settings, workers: Workers | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[error_middleware], client_max_size=settings.body_max_bytes
+        middlewares=[request_id_middleware, error_middleware],
+        client_max_size=settings.body_max_bytes,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -122,4 +125,6 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     routes.add_routes(app)
     ops.add_routes(app)
     payments.setup(app)
+    admin.setup(app)  # the operator's view: /admin, end sale, the live event stream
+    request_id.setup(app)
     return app

@@ -36,7 +36,7 @@ from tests.support import fresh_database, with_database
 REPO = Path(__file__).resolve().parents[2]
 ANNOUNCE = re.compile(r"flashsale is up at (http://\S+)")
 ADMIN_LINE = re.compile(r"^admin token:\s+(\S+)\s*$", re.MULTILINE)
-SUBCOMMANDS = ("up", "serve", "consume", "compensate", "migrate", "token", "reconcile")
+SUBCOMMANDS = ("up", "serve", "consume", "compensate", "migrate", "token", "reconcile", "status")
 STOP_WITHIN_S = 10.0
 EMBEDDED_READY_WITHIN_S = 120.0
 GIVEN_READY_WITHIN_S = 30.0

@@ -35,6 +35,10 @@ CONTRACT: list[tuple[str, str, str, str | None]] = [
     ("get", "/readyz", "readyz", None),
     ("get", "/metrics", "metrics", None),
     ("get", "/openapi.json", "openapi", None),
+    # v1.1: the operator's view
+    ("post", "/api/v1/sales/{sale_id}/end", "endSale", "adminToken"),
+    ("get", "/api/v1/admin/events", "streamAdminEvents", "adminToken"),
+    ("get", "/admin", "adminDashboard", None),
 ]
 
 # Status codes each operation must document (the contract's, plus 401 and 503).
@@ -53,6 +57,9 @@ EXPECTED_STATUSES: dict[str, set[str]] = {
     "readyz": {"200", "503"},
     "metrics": {"200"},
     "openapi": {"200"},
+    "endSale": {"200", "401", "404"},
+    "streamAdminEvents": {"200", "401", "503"},
+    "adminDashboard": {"200"},
 }
 
 # Error codes the contract names, per (operationId, status).

@@ -1,0 +1,76 @@
+"""The operator's view: the dashboard page, the end-sale switch, the live stream.
+
+``setup(app)`` is the one place these are registered (the app factory calls
+it): ``GET /admin`` (the page, flashsale/web/static/admin.html + admin.js,
+plain HTML and JS), ``POST /api/v1/sales/{sale_id}/end`` (contract v1.1),
+``GET /api/v1/admin/events`` (flashsale/web/events_stream.py), and the
+per-second stats flush of this front (flashsale/stats.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aiohttp import web
+
+from flashsale import sales
+from flashsale.stats import StatsFlusher
+from flashsale.web import events_stream
+from flashsale.web.keys import AUTH, BACKENDS, METRICS
+from flashsale.web.middleware import json_response
+
+STATIC = Path(__file__).resolve().parent / "static"
+# the page runs only its own script and talks only to this origin
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+ASSETS = {"admin.js": "application/javascript", "admin.css": "text/css"}
+
+
+def _static(name: str, content_type: str) -> web.Response:
+    body = (STATIC / name).read_bytes()
+    return web.Response(body=body, content_type=content_type, charset="utf-8",
+                        headers=PAGE_HEADERS)
+
+
+async def page(_request: web.Request) -> web.Response:
+    return _static("admin.html", "text/html")
+
+
+async def asset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in ASSETS:
+        raise web.HTTPNotFound()
+    return _static(name, ASSETS[name])
+
+
+async def end_sale(request: web.Request) -> web.Response:
+    request.app[AUTH].admin(request.headers.get("Authorization"))
+    return json_response(await sales.end(request.app[BACKENDS], request.match_info["sale_id"]))
+
+
+async def _stats_ctx(app: web.Application) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(StatsFlusher(app[BACKENDS], app[METRICS]).run(stop))
+    yield
+    stop.set()
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        await asyncio.wait_for(task, 2.0)
+
+
+def setup(app: web.Application) -> None:
+    """Routes and the stats flush; call after the backends' cleanup_ctx is appended."""
+    app.router.add_get("/admin", page, allow_head=False)
+    app.router.add_get("/admin/{name}", asset, allow_head=False)
+    app.router.add_post("/api/v1/sales/{sale_id}/end", end_sale)
+    events_stream.setup(app)
+    app.cleanup_ctx.append(_stats_ctx)
