@@ -38,6 +38,7 @@ SCRIPT_FILES = {
     "rebuild_sale": "rebuild_sale-6.lua",
     "dead_letter": "dead_letter-6.lua",
     "publish_events": "publish_events-1.lua",
+    "undo_delivery": "undo_delivery-1.lua",
 }
 
 
@@ -51,6 +52,7 @@ class Scripts:
     rebuild_sale: AsyncScript
     dead_letter: AsyncScript
     publish_events: AsyncScript
+    undo_delivery: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
