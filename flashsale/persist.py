@@ -11,7 +11,9 @@ before any dead letter its order is looked up in PostgreSQL (``_tombstone``),
 and one found there is acked as persisted instead. PostgreSQL busy,
 restarting or unreachable (``_transient``) is never held against an entry:
 the step backs off (bounded, jittered) and retries, and the delivery is taken
-back from the entries' counters (``undo_delivery.lua``).
+back from the entries' counters (``undo_delivery.lua``). A stream that lost
+its consumer group gets it back at id 0 (``_repair_groups``) without holding
+up the other sales' streams.
 """
 
 from __future__ import annotations
@@ -253,7 +255,10 @@ class Persister:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self._sales_at = 0.0  # a stream lost its group (Redis restarted): rediscover
+            # one stream lost its group and the read of every stream failed:
+            # give the group back where it is missing, read them all next step
+            await self._repair_groups(list(self._streams))
+            self._sales_at = 0.0  # and list the streams again (Redis may have restarted)
             return 0
         batch: list[tuple[str, str, dict[bytes, bytes]]] = []
         for stream, items in resp or []:
@@ -268,10 +273,16 @@ class Persister:
         s = self._b.settings
         resp: list[Any] = []
         budget = s.consumer_batch_max
-        for key in self._streams:
-            got: Any = await self._b.redis.xreadgroup(
-                s.consumer_group, self.name, {key: ">"}, count=budget
-            )
+        for key in list(self._streams):
+            try:
+                got: Any = await self._b.redis.xreadgroup(
+                    s.consumer_group, self.name, {key: ">"}, count=budget
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._repair_groups([key])
+                continue
             for stream, items in got or []:
                 resp.append((stream, items))
                 budget -= len(items)
@@ -280,6 +291,33 @@ class Persister:
         if not resp:
             await asyncio.sleep(s.consumer_block_ms / 1000)
         return resp
+
+    async def _repair_groups(self, keys: list[str]) -> None:
+        """Give the consumer group back, at id 0 (every entry still in the
+        stream is read), to each stream of ``keys`` that lost it: its key was
+        deleted or evicted and an ``XADD`` recreated the stream without any
+        group. Only BUSYGROUP (the group is there) is ignored; a stream that is
+        gone altogether is left out until a refresh finds it again."""
+        group = self._b.settings.consumer_group
+        async with self._b.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xgroup_create(key, group, id="0")
+            results = await pipe.execute(raise_on_error=False)
+        for key, res in zip(keys, results, strict=True):
+            if not isinstance(res, Exception):
+                log.warning(
+                    "sale %s: stream %s had lost consumer group %r (its key was deleted or "
+                    "evicted, then recreated); group recreated at id 0. Entries the lost key "
+                    "held, if any, are for `reconcile` to find",
+                    self._streams.get(key, "?"), key, group,
+                )
+                self._m.consumer_group_recreated.inc()
+            elif "BUSYGROUP" in str(res):
+                continue
+            elif "requires the key to exist" in str(res):
+                self._streams.pop(key, None)
+            else:
+                raise res
 
     async def _reclaim(self) -> int:
         """Claim entries idle past the bound (their consumer died), a chunk at a
@@ -301,6 +339,7 @@ class Persister:
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
+                    await self._repair_groups([key])  # nothing to claim from a new group
                     break
                 self._claim_cursor[key] = as_text(res[0])
                 claimed += len(res[1])

@@ -8,6 +8,10 @@
   than ``consumer_max_deliveries`` x ``consumer_claim_idle_ms``: nothing is
   dead-lettered, the delivery counts do not climb, everything is persisted
   once the database recovers.
+* A sale's stream deleted (its group with it) and recreated by ``XADD``
+  without the group: the consumer recreates the group, says so (a warning
+  naming the sale, ``flashsale_consumer_group_recreated_total``), and the
+  other sales' orders are persisted meanwhile, without a reconcile.
 
 The PostgreSQL faults hit a role of their own (created for the test, with
 ``statement_timeout`` and ``CONNECTION LIMIT`` on it) in a fresh database,
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 import time
@@ -27,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from flashsale.backends import Backends, open_backends
 from flashsale.metrics import Metrics
@@ -285,3 +291,52 @@ async def test_postgres_busy_longer_than_max_deliveries_dead_letters_nothing(
     assert a.sold == ORDERS and a.available == 100 - ORDERS and a.holds == ORDERS
     assert a.drained
     assert a.ledger["consistent"] is True, a.ledger
+
+
+async def test_lost_consumer_group_is_recreated_and_blocks_no_other_sale(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three sales: ``lost``'s stream is deleted and recreated by the next
+    reservation (no group), ``gone``'s is deleted and stays away, ``other``
+    is left alone. The one read of all streams answers NOGROUP for all."""
+    b = api.backends
+    lost = (await api.create_sale(stock=10, per_user_limit=5))["sale_id"]
+    other = (await api.create_sale(stock=10, per_user_limit=5))["sale_id"]
+    gone = (await api.create_sale(stock=10, per_user_limit=5))["sale_id"]
+    m = Metrics()
+    consumer = Persister(b, m, name="solo")
+    first = set()
+    for sid in (lost, other, gone):
+        status, body = await api.reserve(sid, "first", 1, key=f"{sid}-0")
+        assert status == 202, body
+        first.add(body["order_id"])
+
+    async def persisted(ids: set[str]) -> bool:
+        await consumer.step()
+        n = await b.pg.fetchval(
+            "SELECT count(*) FROM orders WHERE order_id = ANY($1::text[])", list(ids)
+        )
+        return int(n) == len(ids)
+
+    await eventually(lambda: persisted(first), timeout_s=10)
+    # the stream key goes (deleted, evicted): its group with it; the next
+    # reservation's XADD recreates the stream without any group
+    assert await b.redis.delete(b.keys(lost).stream, b.keys(gone).stream) == 2
+    later = set()
+    for sid in (lost, other):
+        for i in range(1, 3):
+            status, body = await api.reserve(sid, f"buyer-{i}", 1, key=f"{sid}-{i}")
+            assert status == 202, body
+            later.add(body["order_id"])
+    groups: Any = await b.redis.xinfo_groups(b.keys(lost).stream)
+    assert groups == []
+    with caplog.at_level(logging.WARNING, logger="flashsale.persist"):
+        await eventually(lambda: persisted(later), timeout_s=10)
+    for sid in (lost, other, gone):
+        a = await audit(b, sid)
+        assert a.drained, (sid, a)
+        assert a.ledger["consistent"] is True, a.ledger
+    assert _counter(m, "flashsale_consumer_group_recreated_total") == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(lost in msg and "group" in msg for msg in warned), warned
+    assert not any(other in msg or gone in msg for msg in warned), warned
