@@ -41,6 +41,10 @@ class Metrics:
         self.dead_lettered = Counter(
             "flashsale_dead_lettered", "Stream entries moved to the dead-letter stream", registry=r
         )
+        self.consumer_group_recreated = Counter(
+            "flashsale_consumer_group_recreated",
+            "Consumer groups recreated at id 0 on a stream that had lost its group", registry=r,
+        )
         self.releases = Counter(
             "flashsale_releases", "Holds released by reason", ["reason"], registry=r
         )

@@ -4,8 +4,16 @@ Loop: ``XREADGROUP >`` for new entries (bounded batch, bounded block), a
 bounded ``XAUTOCLAIM`` for entries another consumer left idle (it died), one
 PostgreSQL transaction per batch, ``XACK`` only after the commit. Orders are
 inserted with ``ON CONFLICT DO NOTHING`` on ids made before the write, so a
-redelivered entry is harmless. An entry that fails alone ``max_deliveries``
-times is dead-lettered (its hold compensated) and never blocks the others.
+redelivered entry is harmless. An entry that PostgreSQL refuses alone
+(``_refused``: a data error or a constraint on the row) ``max_deliveries``
+times is dead-lettered (its hold compensated) and never blocks the others;
+before any dead letter its order is looked up in PostgreSQL (``_tombstone``),
+and one found there is acked as persisted instead. PostgreSQL busy,
+restarting or unreachable (``_transient``) is never held against an entry:
+the step backs off (bounded, jittered) and retries, and the delivery is taken
+back from the entries' counters (``undo_delivery.lua``). A stream that lost
+its consumer group gets it back at id 0 (``_repair_groups``) without holding
+up the other sales' streams.
 """
 
 from __future__ import annotations
@@ -13,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import asyncpg
-from redis.exceptions import ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import events
 from flashsale.backends import Backends, Conn, as_text
@@ -32,6 +43,8 @@ CLAIM_INTERVAL_S = 1.0
 RECLAIM_CHUNK = 50  # entries claimed at a time (see Persister._reclaim)
 BACKOFF_MAX_S = 2.0
 ATTEMPTS_TRACKED_MAX = 100_000
+TX_RETRIES = 3  # tries of one transaction PostgreSQL rolled back (deadlock, serialization)
+TX_RETRY_PAUSE_S = (0.01, 0.1)  # jittered pause between those tries
 
 
 class PoisonEntry(Exception):
@@ -194,12 +207,13 @@ class Persister:
             try:
                 await self.step()
                 self._backoff_s = 0.0
-            except Exception as exc:  # the loop must outlive any failure; bounded backoff
+            except Exception as exc:  # the loop must outlive any failure; bounded, jittered
                 self._backoff_s = min(BACKOFF_MAX_S, max(0.05, self._backoff_s * 2))
-                log.warning("consumer step failed (%r); retrying in %.2fs", exc, self._backoff_s)
+                delay = self._backoff_s * random.uniform(0.5, 1.0)
+                log.warning("consumer step failed (%r); retrying in %.2fs", exc, delay)
                 self._m.consumer_errors.inc()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self._backoff_s)
+                    await asyncio.wait_for(stop.wait(), delay)
         log.info("consumer %s stopped", self.name)
 
     async def step(self) -> int:
@@ -241,14 +255,17 @@ class Persister:
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self._sales_at = 0.0  # a stream lost its group (Redis restarted): rediscover
+            # one stream lost its group and the read of every stream failed:
+            # give the group back where it is missing, read them all next step
+            await self._repair_groups(list(self._streams))
+            self._sales_at = 0.0  # and list the streams again (Redis may have restarted)
             return 0
         batch: list[tuple[str, str, dict[bytes, bytes]]] = []
         for stream, items in resp or []:
             key = as_text(stream)
             for entry_id, fields in items:
                 batch.append((key, entry_id.decode(), fields))
-        return await self.handle(batch)
+        return await self._deliver(batch)
 
     async def _read_each(self) -> list[Any]:
         """Redis Cluster: streams live in different slots, so one XREADGROUP per
@@ -256,10 +273,16 @@ class Persister:
         s = self._b.settings
         resp: list[Any] = []
         budget = s.consumer_batch_max
-        for key in self._streams:
-            got: Any = await self._b.redis.xreadgroup(
-                s.consumer_group, self.name, {key: ">"}, count=budget
-            )
+        for key in list(self._streams):
+            try:
+                got: Any = await self._b.redis.xreadgroup(
+                    s.consumer_group, self.name, {key: ">"}, count=budget
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._repair_groups([key])
+                continue
             for stream, items in got or []:
                 resp.append((stream, items))
                 budget -= len(items)
@@ -268,6 +291,33 @@ class Persister:
         if not resp:
             await asyncio.sleep(s.consumer_block_ms / 1000)
         return resp
+
+    async def _repair_groups(self, keys: list[str]) -> None:
+        """Give the consumer group back, at id 0 (every entry still in the
+        stream is read), to each stream of ``keys`` that lost it: its key was
+        deleted or evicted and an ``XADD`` recreated the stream without any
+        group. Only BUSYGROUP (the group is there) is ignored; a stream that is
+        gone altogether is left out until a refresh finds it again."""
+        group = self._b.settings.consumer_group
+        async with self._b.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.xgroup_create(key, group, id="0")
+            results = await pipe.execute(raise_on_error=False)
+        for key, res in zip(keys, results, strict=True):
+            if not isinstance(res, Exception):
+                log.warning(
+                    "sale %s: stream %s had lost consumer group %r (its key was deleted or "
+                    "evicted, then recreated); group recreated at id 0. Entries the lost key "
+                    "held, if any, are for `reconcile` to find",
+                    self._streams.get(key, "?"), key, group,
+                )
+                self._m.consumer_group_recreated.inc()
+            elif "BUSYGROUP" in str(res):
+                continue
+            elif "requires the key to exist" in str(res):
+                self._streams.pop(key, None)
+            else:
+                raise res
 
     async def _reclaim(self) -> int:
         """Claim entries idle past the bound (their consumer died), a chunk at a
@@ -289,26 +339,59 @@ class Persister:
                 except ResponseError as exc:
                     if "NOGROUP" not in str(exc):
                         raise
+                    await self._repair_groups([key])  # nothing to claim from a new group
                     break
                 self._claim_cursor[key] = as_text(res[0])
                 claimed += len(res[1])
                 items = [(key, eid.decode(), f) for eid, f in res[1] if f]
                 if items:
                     self._m.consumer_reclaimed.inc(len(items))
-                    items = await self._dead_letter_exhausted(key, items)
-                    handled += await self.handle(items)
+                    handled += await self._deliver(items, reclaimed_from=key)
                 if self._claim_cursor[key] == "0-0" or not res[1]:
                     break
         return handled
+
+    async def _deliver(
+        self, batch: list[tuple[str, str, dict[bytes, bytes]]], reclaimed_from: str | None = None
+    ) -> int:
+        """Handle one delivery of entries: read, or reclaimed from a stream.
+        When it fails for a reason that is not the entries' own (``_transient``:
+        PostgreSQL busy, restarting, unreachable), the delivery is taken back
+        from their counters before the failure goes up: the step backs off,
+        the entries stay pending and are reclaimed later, and only crashes and
+        PostgreSQL's refusals count toward dead-lettering."""
+        try:
+            items = batch
+            if reclaimed_from is not None:
+                items = await self._dead_letter_exhausted(reclaimed_from, batch)
+            return await self.handle(items)
+        except Exception as exc:
+            if _transient(exc):
+                await self._undo_delivery(batch)
+            raise
+
+    async def _undo_delivery(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> None:
+        per_stream: dict[str, list[str]] = defaultdict(list)
+        for key, entry_id, _fields in batch:
+            per_stream[key].append(entry_id)
+        for key, ids in per_stream.items():
+            try:
+                await self._b.scripts.undo_delivery(
+                    keys=[key], args=[self._b.settings.consumer_group, *ids]
+                )
+            except RedisError as exc:  # Redis failing too: these counts stay one higher
+                log.warning("delivery of %d entries of %s not taken back (%r)", len(ids), key, exc)
 
     async def _dead_letter_exhausted(
         self, key: str, items: list[tuple[str, str, dict[bytes, bytes]]]
     ) -> list[tuple[str, str, dict[bytes, bytes]]]:
         """Reclaimed entries delivered more than max_deliveries times (consumers
-        kept dying while they held them) are tried once more, together, then
-        each alone: a consumer's crash counts against every entry it held, so
-        most of them are innocent. One that PostgreSQL refuses alone, or past
-        twice the bound, goes to the dead-letter stream. The rest are returned."""
+        kept dying while they held them, or PostgreSQL kept refusing them; a
+        busy PostgreSQL does not count, see _deliver) are tried once more,
+        together, then each alone: a consumer's crash counts against every
+        entry it held, so most of them are innocent. One that PostgreSQL
+        refuses alone, or past twice the bound, goes to the dead-letter stream
+        unless PostgreSQL has its order already. The rest are returned."""
         s = self._b.settings
         info: Any = await self._b.redis.xpending_range(
             key, s.consumer_group, min=items[0][1], max=items[-1][1], count=len(items),
@@ -335,12 +418,12 @@ class Persister:
         done = await self._persist_exhausted([e for _item, e in retry])
         dead += [(item, e) for item, e in retry if e.entry_id not in done]
         for item, entry in dead:
-            if entry is not None and not await self._tombstone(entry):
+            if entry is None:
+                await self._dead_letter(
+                    self._streams[key], item[1], None, "delivered too many times", item[2]
+                )
+            elif not await self._dead_letter_checked(entry, "delivered too many times"):
                 keep.append(item)  # committed before its consumer died: ack it as persisted
-                continue
-            await self._dead_letter(
-                self._streams[key], item[1], entry, "delivered too many times", item[2]
-            )
         return keep
 
     async def _persist_exhausted(self, entries: list[Entry]) -> set[str]:
@@ -354,22 +437,35 @@ class Persister:
 
     async def _persist_now(self, entries: list[Entry]) -> asyncpg.PostgresError | None:
         """Persist entries in one transaction and ack them. Returns PostgreSQL's
-        refusal, None when committed (connection failures raise: retried later)."""
-        try:
-            async with self._b.pg.acquire() as conn:
-                failed = await persist_batch(conn, entries, self.name)
-        except asyncpg.PostgresError as exc:
-            if _connection_lost(exc):
+        refusal of a row (``_refused``), None when committed. A transaction
+        PostgreSQL rolled back (deadlock, serialization failure) is tried again
+        a bounded number of times after a jittered pause; any other failure
+        (PostgreSQL busy, restarting or unreachable) is raised at once: no
+        entry is blamed for it (see _deliver)."""
+        for attempt in range(1, TX_RETRIES + 1):
+            try:
+                async with self._b.pg.acquire() as conn:
+                    failed = await persist_batch(conn, entries, self.name)
+            except asyncpg.TransactionRollbackError:
+                if attempt == TX_RETRIES:
+                    raise
+                await asyncio.sleep(random.uniform(*TX_RETRY_PAUSE_S))
+                continue
+            except asyncpg.PostgresError as exc:
+                if _refused(exc):
+                    return exc
                 raise
-            return exc
-        await self._after_commit(entries, failed)
-        return None
+            await self._after_commit(entries, failed)
+            return None
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
     async def _tombstone(self, e: Entry) -> bool:
-        """Before an exhausted entry is dead-lettered, record its order as failed
-        (with its release row) so that no consumer can persist it afterwards.
-        False when the order is in PostgreSQL otherwise: a consumer committed it
-        and died before the ack, so it must be acked as persisted, not released."""
+        """Before an entry is dead-lettered, record its order as failed (with
+        its release row) so that no consumer can persist it afterwards. False
+        when the order is in PostgreSQL otherwise: a consumer committed it (and
+        died, or is slow, before the ack), so it must be acked as persisted, not
+        released. PostgreSQL refusing the row itself means no consumer can
+        write the order either: True. Any other failure is raised."""
         try:
             async with self._b.pg.acquire() as conn, conn.transaction():
                 inserted = await conn.fetchval(
@@ -388,9 +484,23 @@ class Persister:
                     e.order_id, e.sale_id, e.quantity, self.name,
                 )
         except asyncpg.PostgresError as exc:
-            if _connection_lost(exc):
+            if not _refused(exc):
                 raise
-            return True  # the order cannot be written at all: dead-letter it without a row
+            # PostgreSQL refuses the row as the entry has it: no consumer can
+            # write it, unless the order is there already (then one did)
+            status = await self._b.pg.fetchval(
+                "SELECT status FROM orders WHERE order_id = $1", e.order_id
+            )
+            return status is None or status == "failed"
+        return True
+
+    async def _dead_letter_checked(self, e: Entry, reason: str) -> bool:
+        """The one way a parsed entry is dead-lettered: only once PostgreSQL
+        has recorded its order as failed (``_tombstone``). False, with nothing
+        done, when PostgreSQL has the order: the caller acks it as persisted."""
+        if not await self._tombstone(e):
+            return False
+        await self._dead_letter(e.sale_id, e.entry_id, e, reason, {})
         return True
 
     async def handle(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> int:
@@ -404,8 +514,8 @@ class Persister:
                 await self._dead_letter(self._streams[key], entry_id, None, str(exc), fields)
         known = await self._known_sales({e.sale_id for e in entries})
         for e in [e for e in entries if e.sale_id not in known]:
-            await self._dead_letter(e.sale_id, e.entry_id, e, "sale not in PostgreSQL", {})
-        entries = [e for e in entries if e.sale_id in known]
+            if await self._dead_letter_checked(e, "sale not in PostgreSQL"):
+                entries.remove(e)
         if not entries:
             return len(batch)
         refused = await self._persist_now(entries)
@@ -415,6 +525,9 @@ class Persister:
         return len(batch)
 
     async def _one_by_one(self, entries: list[Entry]) -> int:
+        """Each entry alone: one PostgreSQL refuses ``consumer_max_deliveries``
+        times is dead-lettered (unless PostgreSQL has its order: then it is
+        acked as persisted). A failure that is not a refusal raises."""
         for e in entries:
             refused = await self._persist_now([e])
             if refused is None:
@@ -422,7 +535,8 @@ class Persister:
             attempts = self._attempts.get(e.entry_id, 0) + 1
             if attempts >= self._b.settings.consumer_max_deliveries:
                 self._attempts.pop(e.entry_id, None)
-                await self._dead_letter(e.sale_id, e.entry_id, e, repr(refused), {})
+                if not await self._dead_letter_checked(e, repr(refused)):
+                    await self._after_commit([e], [])  # another consumer committed it
             else:
                 if len(self._attempts) >= ATTEMPTS_TRACKED_MAX:
                     self._attempts.clear()
@@ -489,10 +603,26 @@ def consumer_names(name: str, concurrency: int) -> list[str]:
     return [name] if concurrency == 1 else [f"{name}-{i}" for i in range(concurrency)]
 
 
-def _connection_lost(exc: asyncpg.PostgresError) -> bool:
-    """PostgreSQL could not be reached (retry the whole step later), as opposed
-    to PostgreSQL refusing what was sent."""
-    return isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.CannotConnectNowError)
+def _refused(exc: asyncpg.PostgresError) -> bool:
+    """PostgreSQL refused the row itself: a data error (class 22, including
+    asyncpg's own refusal to encode a value) or a constraint on the row (class
+    23: CHECK, NOT NULL, foreign key). Only this counts against an entry."""
+    return isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
+
+
+def _transient(exc: BaseException) -> bool:
+    """PostgreSQL (or Redis, or the network) failed, not the entry: every
+    server error that is not a refusal of the row (too many connections,
+    statement or lock timeout, admin shutdown, cannot connect now, deadlock,
+    serialization failure, connection exceptions, ...) and every lost or
+    timed-out connection. Retried with backoff, never counted."""
+    if isinstance(exc, asyncpg.PostgresError):
+        return not _refused(exc)
+    return isinstance(
+        exc,
+        asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError
+        | RedisConnectionError | RedisTimeoutError,
+    )
 
 
 def _qty_of(fields: dict[bytes, bytes]) -> int:

@@ -39,6 +39,7 @@ SCRIPT_FILES = {
     "dead_letter": "dead_letter-6.lua",
     "publish_events": "publish_events-1.lua",
     "end_sale": "end_sale-1.lua",
+    "undo_delivery": "undo_delivery-1.lua",
 }
 
 
@@ -53,6 +54,7 @@ class Scripts:
     dead_letter: AsyncScript
     publish_events: AsyncScript
     end_sale: AsyncScript
+    undo_delivery: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
