@@ -11,7 +11,10 @@ ledger is consistent once the queue is drained (contract, guarantee 2).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
+
+import asyncpg
 
 from flashsale import sales
 from flashsale.backends import Backends, as_text
@@ -55,32 +58,24 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
     takes) and rebuilt. Returns True when it rebuilt.
     """
     k = b.keys(sale_id)
-    row = await sales.fetch_row(b, sale_id)
     if force:
+        await sales.fetch_row(b, sale_id)  # an unknown sale changes nothing
         await b.redis.delete(k.sale)
     elif await b.redis.exists(k.sale):
         return False
     redis_holds = [as_text(h) for h in await b.redis.hkeys(k.holds)]
-    holding = await b.pg.fetch(
-        "SELECT order_id, quantity, user_id FROM orders WHERE sale_id = $1 "
-        "AND status = ANY($2::text[]) ORDER BY order_id",
-        sale_id, list(HOLDING),
-    )
-    released = await b.pg.fetch(
-        "SELECT order_id FROM orders WHERE order_id = ANY($1::text[]) AND status = ANY($2::text[])",
-        redis_holds, list(RELEASED),
-    )
-    restocks = await b.pg.fetch("SELECT restock_id FROM restocks WHERE sale_id = $1", sale_id)
+    snap = await _snapshot(b, sale_id, redis_holds)
+    row = snap.sale
     args: list[Any] = [
         row["stock"], row["per_user_limit"], row["price_cents"], sales.to_ms(row["starts_at"]),
         sales.to_ms(row["ends_at"]), row["hold_seconds"] * 1000, b.settings.consumer_group,
-        len(holding),
+        len(snap.holding),
     ]
-    for h in holding:
+    for h in snap.holding:
         args += [h["order_id"], h["quantity"], h["user_id"]]
-    args.append(len(released))
-    args += [r["order_id"] for r in released]
-    args += [r["restock_id"] for r in restocks]
+    args.append(len(snap.released))
+    args += snap.released
+    args += snap.restocks
     done = int(
         await b.scripts.rebuild_sale(
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.restocks], args=args
@@ -89,6 +84,43 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
     if done:
         log.warning("rebuilt Redis state of sale %s from PostgreSQL", sale_id)
     return bool(done)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a rebuild reads from PostgreSQL, all as of one moment."""
+
+    sale: asyncpg.Record
+    holding: list[asyncpg.Record]  # order_id, quantity, user_id of orders holding stock
+    released: list[str]  # of the orders Redis holds, those PostgreSQL has released
+    restocks: list[int]  # restock ids counted in the sale's stock
+
+
+async def _snapshot(b: Backends, sale_id: str, redis_holds: list[str]) -> Snapshot:
+    """One REPEATABLE READ read-only transaction: the stock, the holds and the
+    restock ids agree (read apart, a restock committed in between was counted
+    as applied without being in the stock, and lost for good)."""
+    async with b.pg.acquire() as conn, conn.transaction(
+        isolation="repeatable_read", readonly=True
+    ):
+        row = await sales.fetch_row(b, sale_id, conn)
+        holding = await conn.fetch(
+            "SELECT order_id, quantity, user_id FROM orders WHERE sale_id = $1 "
+            "AND status = ANY($2::text[]) ORDER BY order_id",
+            sale_id, list(HOLDING),
+        )
+        released = await conn.fetch(
+            "SELECT order_id FROM orders WHERE order_id = ANY($1::text[]) "
+            "AND status = ANY($2::text[])",
+            redis_holds, list(RELEASED),
+        )
+        restocks = await conn.fetch(
+            "SELECT restock_id FROM restocks WHERE sale_id = $1", sale_id
+        )
+    return Snapshot(
+        row, list(holding), [r["order_id"] for r in released],
+        [int(r["restock_id"]) for r in restocks],
+    )
 
 
 async def rebuild_missing(b: Backends) -> list[str]:

@@ -20,7 +20,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.backends import Backends
+from flashsale.backends import Backends, Conn
 
 log = logging.getLogger("flashsale.sales")
 
@@ -112,9 +112,11 @@ async def create(b: Backends, sale: NewSale) -> dict[str, Any]:
     return await render(b, row)
 
 
-async def fetch_row(b: Backends, sale_id: str) -> asyncpg.Record:
+async def fetch_row(b: Backends, sale_id: str, conn: Conn | None = None) -> asyncpg.Record:
+    """The sale row (on ``conn`` when given, e.g. inside a snapshot transaction)."""
     validate.sale_id(sale_id)
-    row = await b.pg.fetchrow("SELECT * FROM sales WHERE sale_id = $1", sale_id)
+    runner = conn if conn is not None else b.pg
+    row = await runner.fetchrow("SELECT * FROM sales WHERE sale_id = $1", sale_id)
     if row is None:
         raise errors.SaleNotFound()
     return row
