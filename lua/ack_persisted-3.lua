@@ -23,7 +23,7 @@ the key types and the pending counter are validated before the first XACK,
 so no command after it can fail.
 ]]
 local function int(v)
-  if type(v) ~= 'string' or #v > 16 or not string.match(v, '^-?%d+$') then return nil end
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
   return tonumber(v)
 end
 

@@ -35,7 +35,7 @@ is validated before the first write, so a refused call changes nothing (the
 entry stays pending and is retried).
 ]]
 local function int(v)
-  if type(v) ~= 'string' or #v > 16 or not string.match(v, '^-?%d+$') then return nil end
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
   return tonumber(v)
 end
 local function kind(key, want, what)

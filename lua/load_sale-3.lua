@@ -17,7 +17,7 @@ arguments are validated and the group looked up (XINFO GROUPS) before the
 first write, so no error can leave a sale without its group.
 ]]
 local function int(v)
-  if type(v) ~= 'string' or #v > 16 or not string.match(v, '^-?%d+$') then return nil end
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
   return tonumber(v)
 end
 local function group_exists(stream, group)
@@ -46,8 +46,8 @@ end
 local has_group = group_exists(KEYS[2], ARGV[7])
 
 -- writes
-redis.call('HSET', KEYS[1], 'stock', stock, 'available', stock, 'pending', 0,
-  'limit', limit, 'price', price, 'starts_ms', starts_ms, 'ends_ms', ends_ms, 'hold_ms', hold_ms)
+redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'available', ARGV[1], 'pending', 0,
+  'limit', ARGV[2], 'price', ARGV[3], 'starts_ms', ARGV[4], 'ends_ms', ARGV[5], 'hold_ms', ARGV[6])
 if not has_group then
   redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[7], '0', 'MKSTREAM')
 end

@@ -16,7 +16,7 @@ the first XADD. One
 call replaces a pipeline of XADDs, whose per-command client cost dominated
 the consumer's CPU per drained row.
 ]]
-local maxlen = string.match(ARGV[1] or '', '^%d+$') and #ARGV[1] <= 16 and tonumber(ARGV[1])
+local maxlen = string.match(ARGV[1] or '', '^%d+$') and #ARGV[1] <= 15 and tonumber(ARGV[1])
 if not maxlen or maxlen < 1 then
   return redis.error_reply('ERR bad maxlen')
 end

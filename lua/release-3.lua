@@ -21,7 +21,7 @@ stock exactly once. Checks first, writes last: every hold, every held count
 and `available` are read and validated before the first write.
 ]]
 local function int(v)
-  if type(v) ~= 'string' or #v > 16 or not string.match(v, '^-?%d+$') then return nil end
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
   return tonumber(v)
 end
 local function counter(key, field, value)  -- a hash field HINCRBY may change (absent = 0)

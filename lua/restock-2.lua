@@ -16,7 +16,7 @@ front or the compensator retries it. Checks first, writes last: the id is
 recorded only in the step that adds the quantity, never alone.
 ]]
 local function int(v)
-  if type(v) ~= 'string' or #v > 16 or not string.match(v, '^-?%d+$') then return nil end
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
   return tonumber(v)
 end
 
