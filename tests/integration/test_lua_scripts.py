@@ -161,7 +161,7 @@ async def test_rebuild_only_when_missing_and_counts_every_hold(api: Api) -> None
     await load(b, k, stock=10, limit=5)
     await reserve(b, k, [("pend", "p", 2, None)])  # pending: only Redis knows it
     await b.redis.hset(k.holds, "gone", "3:g")     # released in PostgreSQL, stale here
-    base: list[Any] = [10, 5, 100, 0, 0, 60_000, GROUP]
+    base: list[Any] = [10, 5, 100, 0, 0, 60_000, GROUP, "0-0"]
     args: list[Any] = [*base, 1, "pg1", 4, "q", 1, "gone", 7]
     assert int(await b.scripts.rebuild_sale(keys=keys, args=args)) == 0  # live sale untouched
     await b.redis.delete(k.sale)
@@ -179,6 +179,39 @@ async def test_rebuild_only_when_missing_and_counts_every_hold(api: Api) -> None
     else:
         raise AssertionError("rebuild accepted holds above stock")
     assert await b.redis.exists(k.sale) == 0
+
+
+async def test_rebuild_over_a_sale_whose_stream_is_behind_the_watermark(api: Api) -> None:
+    """Redis lost writes PostgreSQL has (the stream was last generated below the
+    last entry PostgreSQL persisted): the live sale is rebuilt (answer 2) and
+    the stream's last id raised to the watermark, so it is not behind again."""
+    b, k = api.backends, keys_of(api)
+    keys = [k.sale, k.users, k.holds, k.pending, k.stream, k.restocks]
+    await load(b, k, stock=10, limit=5)
+    await reserve(b, k, [("pend", "p", 2, None)])
+    info: Any = await b.redis.xinfo_stream(k.stream)
+    last = info["last-generated-id"].decode()
+    ms = int(last.split("-")[0])
+    base: list[Any] = [10, 5, 100, 0, 0, 60_000, GROUP]
+    holds: list[Any] = [1, "pg1", 3, "q", 0]  # an order Redis lost, PostgreSQL has
+    assert int(await b.scripts.rebuild_sale(keys=keys, args=[*base, last, *holds])) == 0
+    assert int(await b.scripts.rebuild_sale(keys=keys, args=[*base, "0-0", *holds])) == 0
+    ahead = f"{ms + 5000}-3"
+    assert int(await b.scripts.rebuild_sale(keys=keys, args=[*base, ahead, *holds])) == 2
+    assert await b.redis.hmget(k.sale, "available", "pending") == [b"5", b"2"]
+    assert await b.redis.hgetall(k.users) == {b"q": b"3", b"p": b"2"}
+    info = await b.redis.xinfo_stream(k.stream)
+    assert info["last-generated-id"] == ahead.encode()
+    assert int(await b.scripts.rebuild_sale(keys=keys, args=[*base, ahead, *holds])) == 0
+    # new entries sort after every persisted one
+    await reserve(b, k, [("next", "n", 1, None)])
+    newest: Any = await b.redis.xrevrange(k.stream, count=1)
+    assert tuple(int(x) for x in newest[0][0].decode().split("-")) > (ms + 5000, 3)
+    # the sale missing and the stream gone: rebuilt, group created, id raised
+    await b.redis.delete(k.sale, k.stream)
+    assert int(await b.scripts.rebuild_sale(keys=keys, args=[*base, ahead, *holds])) == 1
+    info = await b.redis.xinfo_stream(k.stream)
+    assert info["last-generated-id"] == ahead.encode() and info["groups"] == 1
 
 
 async def test_publish_events_in_order_and_all_or_nothing(api: Api) -> None:
@@ -332,13 +365,14 @@ async def test_rebuild_sale_checks_before_it_writes(api: Api) -> None:
     """The old script deleted and rewrote users/holds/sale, then XGROUP CREATE
     could fail; bad numbers were stored as they came."""
     b = api.backends
-    base: list[Any] = [10, 5, 100, 0, 0, 60_000, GROUP]
+    base: list[Any] = [10, 5, 100, 0, 0, 60_000, GROUP, "0-0"]
     cases: list[tuple[str, list[Any], str]] = [
         ("stream key not a stream", [*base, 1, "pg1", 4, "q", 0], "stream key"),
-        ("limit not an integer", [10, "x", 100, 0, 0, 60_000, GROUP, 1, "pg1", 4, "q", 0],
+        ("limit not an integer", [10, "x", 100, 0, 0, 60_000, GROUP, "0-0", 1, "pg1", 4, "q", 0],
          "bad arguments"),
         ("hold quantity not an integer", [*base, 1, "pg1", "4.5", "q", 0], "bad hold"),
         ("short hold list", [*base, 2, "pg1", 4, "q", 0], "bad"),
+        ("bad watermark", [*base[:7], "12", 0, 0], "bad arguments"),
         ("malformed hold in Redis", [*base, 0, 0], "malformed hold"),
         ("malformed pending record", [*base, 0, 0], "malformed pending"),
     ]
