@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -13,6 +13,7 @@ from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.connection import HiredisRespSerializer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT
 from redis.utils import HIREDIS_AVAILABLE
 
@@ -37,6 +38,56 @@ class HiredisPackConnection(Connection):
         return packed
 
 
+class RedisUnverified(RedisConnectionError):
+    """Redis is a server this process has not verified yet (it restarted, or
+    the process just started): nothing runs on it until its data is checked
+    against PostgreSQL. A connection error (the connection is refused before
+    any command is sent): callers answer 503 and retry."""
+
+
+class RestartGuard:
+    """Notices a Redis server that this process has not verified, before any
+    command runs on it.
+
+    A restart breaks every connection, so whatever a restarted Redis is asked
+    goes through a NEW connection; the guard is the connection hook of the
+    client (redis-py's ``redis_connect_func``): it asks the server's run_id
+    (``INFO server``, one round trip per new connection) and, when it is not
+    the run_id last verified, refuses the connection (``RedisUnverified``:
+    the command fails, no reservation script runs) and calls
+    ``on_unverified``. Its owner then verifies the server through a client of
+    its own (PostgreSQL's stream watermarks against the streams, rebuilding
+    what lost writes) and calls :meth:`verified`.
+    """
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.on_unverified: Callable[[], None] | None = None
+
+    def verified(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    async def connect(self, conn: Connection) -> None:
+        await conn.on_connect()
+        await conn.send_command("INFO", "server")
+        run_id = server_run_id(await conn.read_response())
+        if run_id == self.run_id:
+            return
+        if self.on_unverified is not None:
+            self.on_unverified()
+        raise RedisUnverified(f"Redis server {run_id} is not verified yet; retry shortly")
+
+
+def server_run_id(info: object) -> str:
+    """The run_id line of an ``INFO server`` reply (a new one at every restart;
+    '' for a server that has none)."""
+    text = info.decode() if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("run_id:"):
+            return line[len("run_id:"):].strip()
+    return ""
+
+
 def as_text(raw: bytes | str) -> str:
     """A Redis reply as text: the client hands replies over undecoded (bytes)."""
     return raw.decode() if isinstance(raw, bytes) else raw
@@ -48,14 +99,17 @@ class Backends:
     redis: RedisClient
     pg: asyncpg.Pool
     scripts: Scripts
+    guard: RestartGuard | None = None  # set: every new Redis connection is checked
 
     def keys(self, sale_id: str) -> SaleKeys:
         return SaleKeys(self.settings.key_prefix, sale_id, self.settings.redis_cluster)
 
 
-def redis_client(settings: Settings) -> RedisClient:
+def redis_client(settings: Settings, guard: RestartGuard | None = None) -> RedisClient:
     """A standalone client, or a cluster client (the URL is a seed node) when
-    FLASHSALE_REDIS_CLUSTER is set: every script's keys share the sale's slot."""
+    FLASHSALE_REDIS_CLUSTER is set: every script's keys share the sale's slot.
+    ``guard`` checks every new connection (standalone only: the cluster client
+    keeps the connection hook for itself)."""
     assert settings.redis_url, "redis_url must be set (embedded servers fill it in)"
     if settings.redis_cluster:
         return RedisCluster.from_url(
@@ -71,6 +125,7 @@ def redis_client(settings: Settings) -> RedisClient:
         socket_connect_timeout=settings.redis_timeout_s,
         health_check_interval=10,
         max_connections=256,
+        redis_connect_func=guard.connect if guard is not None else None,
     )
 
 
@@ -88,14 +143,28 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool:
 
 
 @asynccontextmanager
-async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
-    redis = redis_client(settings)
+async def open_backends(settings: Settings, *, guarded: bool = False) -> AsyncIterator[Backends]:
+    """``guarded``: with a RestartGuard (standalone Redis), for processes that
+    reserve; its owner verifies the server (see web/rebuilds.py)."""
+    guard = RestartGuard() if guarded and not settings.redis_cluster else None
+    redis = redis_client(settings, guard)
     try:
         pool = await pg_pool(settings)
         try:
             scripts = Scripts.register(redis)
-            yield Backends(settings, redis, pool, scripts)
+            yield Backends(settings, redis, pool, scripts, guard)
         finally:
             await pool.close()
+    finally:
+        await redis.aclose()
+
+
+@asynccontextmanager
+async def unguarded(b: Backends) -> AsyncIterator[Backends]:
+    """The same servers through a Redis client of its own, without the guard:
+    to verify a server before the guarded client may use it."""
+    redis = redis_client(b.settings)
+    try:
+        yield Backends(b.settings, redis, b.pg, Scripts.register(redis))
     finally:
         await redis.aclose()

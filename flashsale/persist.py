@@ -34,6 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from flashsale import events
 from flashsale.backends import Backends, Conn, as_text
 from flashsale.metrics import Metrics
+from flashsale.sales import stream_pos
 
 log = logging.getLogger("flashsale.persist")
 
@@ -111,8 +112,13 @@ RETURNING order_id
 """
 
 _DEDUCT = """
-UPDATE sales SET sold = sold + $2 WHERE sale_id = $1 AND sold + $2 <= stock RETURNING sold
-"""
+UPDATE sales SET sold = sold + $2,
+    persisted_stream_ms = GREATEST(persisted_stream_ms, $3),
+    persisted_stream_seq = CASE WHEN $3 > persisted_stream_ms THEN $4
+        WHEN $3 = persisted_stream_ms THEN GREATEST(persisted_stream_seq, $4)
+        ELSE persisted_stream_seq END
+WHERE sale_id = $1 AND sold + $2 <= stock RETURNING sold
+"""  # with the stream watermark (sales.stream_pos): never lowered
 
 _RECORD_FAILED = """
 WITH f AS (UPDATE orders SET status = 'failed', updated_at = now()
@@ -142,10 +148,10 @@ async def persist_batch(conn: Conn, entries: list[Entry], actor: str) -> list[En
         for sale_id in sorted(per_sale):  # fixed lock order
             batch = per_sale[sale_id]
             total = sum(e.quantity for e in batch)
-            if await conn.fetchval(_DEDUCT, sale_id, total) is not None:
+            if await conn.fetchval(_DEDUCT, sale_id, total, *stream_pos(batch)) is not None:
                 continue
             for e in batch:  # slow path: deduct order by order, fail what does not fit
-                if await conn.fetchval(_DEDUCT, sale_id, e.quantity) is None:
+                if await conn.fetchval(_DEDUCT, sale_id, e.quantity, *stream_pos([e])) is None:
                     await conn.execute(
                         _RECORD_FAILED, e.order_id, sale_id, e.quantity, actor,
                         "final deduction refused: sold would pass stock",

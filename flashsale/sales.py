@@ -12,15 +12,16 @@ from __future__ import annotations
 import logging
 import secrets
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.backends import Backends
+from flashsale.backends import Backends, Conn
 
 log = logging.getLogger("flashsale.sales")
 
@@ -42,6 +43,32 @@ def new_sale_id() -> str:
 
 def to_ms(dt: datetime | None) -> int:
     return 0 if dt is None else int(dt.timestamp() * 1000)
+
+
+class _HasEntryId(Protocol):
+    @property
+    def entry_id(self) -> str: ...
+
+
+def stream_pos(entries: Iterable[_HasEntryId]) -> tuple[int, int]:
+    """The highest stream entry id of ``entries`` as (ms, seq): what the sale's
+    persisted watermark (sales.persisted_stream_ms/_seq) is raised to when
+    they are persisted. Entry ids come from Redis, always "<ms>-<seq>"."""
+    return max(parse_stream_id(e.entry_id) for e in entries)
+
+
+def parse_stream_id(raw: str | bytes) -> tuple[int, int]:
+    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def stream_id(pos: tuple[int, int]) -> str:
+    return f"{pos[0]}-{pos[1]}"
+
+
+def watermark(row: asyncpg.Record) -> tuple[int, int]:
+    """The last stream entry id PostgreSQL persisted for the sale, as (ms, seq)."""
+    return int(row["persisted_stream_ms"]), int(row["persisted_stream_seq"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,9 +139,11 @@ async def create(b: Backends, sale: NewSale) -> dict[str, Any]:
     return await render(b, row)
 
 
-async def fetch_row(b: Backends, sale_id: str) -> asyncpg.Record:
+async def fetch_row(b: Backends, sale_id: str, conn: Conn | None = None) -> asyncpg.Record:
+    """The sale row (on ``conn`` when given, e.g. inside a snapshot transaction)."""
     validate.sale_id(sale_id)
-    row = await b.pg.fetchrow("SELECT * FROM sales WHERE sale_id = $1", sale_id)
+    runner = conn if conn is not None else b.pg
+    row = await runner.fetchrow("SELECT * FROM sales WHERE sale_id = $1", sale_id)
     if row is None:
         raise errors.SaleNotFound()
     return row

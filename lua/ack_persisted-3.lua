@@ -7,25 +7,59 @@ KEYS[1]  sale hash     <p>:{<sale>}:sale     (pending)
 KEYS[2]  pending hash  <p>:{<sale>}:pending  order_id -> order fields
 KEYS[3]  stream        <p>:{<sale>}:stream
 ARGV[1]  consumer group name
-ARGV[2..] triples: entry_id, order_id, qty
+ARGV[2..] triples: entry_id ("<ms>-<seq>"), order_id, qty (an integer >= 1)
 
 Returns the number of entries acked by this call.
+Errors (nothing written): "ERR bad arguments", "ERR bad entry at argument <i>",
+"ERR pending of <key> is not an integer", "ERR <what> key holds a <type>".
 When the sale hash is missing (Redis lost it; rebuild_sale recomputes
 `pending` from the pending hash) the counter is left alone, never recreated.
 
 Guarantee: XACK answers 1 only for the first ack of an entry, and that answer
 gates the pending decrement, so redelivered or reclaimed entries never lower
 `pending` twice. The stream is trimmed entry by entry (XDEL), so an entry not
-yet persisted is never trimmed away.
+yet persisted is never trimmed away. Checks first, writes last: every triple,
+the key types and the pending counter are validated before the first XACK,
+so no command after it can fail.
 ]]
-local acked = 0
-local live = redis.call('EXISTS', KEYS[1]) == 1
+local function int(v)
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
+  return tonumber(v)
+end
+
+-- checks
+if #ARGV < 1 or ARGV[1] == '' or (#ARGV - 1) % 3 ~= 0 then
+  return redis.error_reply('ERR bad arguments')
+end
+local qtys = {}
 for i = 2, #ARGV, 3 do
-  local entry_id, order_id, qty = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  local qty = int(ARGV[i + 2])
+  if not string.match(ARGV[i], '^%d+%-%d+$') or ARGV[i + 1] == '' or not qty or qty < 1 then
+    return redis.error_reply('ERR bad entry at argument ' .. i)
+  end
+  qtys[i] = qty
+end
+for _, c in ipairs({{KEYS[2], 'hash', 'pending'}, {KEYS[3], 'stream', 'stream'}}) do
+  local t = redis.call('TYPE', c[1])['ok']
+  if t ~= 'none' and t ~= c[2] then
+    return redis.error_reply('ERR ' .. c[3] .. ' key holds a ' .. t)
+  end
+end
+local live = redis.call('EXISTS', KEYS[1]) == 1
+if live then
+  local pending = redis.call('HGET', KEYS[1], 'pending')
+  if pending and not int(pending) then
+    return redis.error_reply('ERR pending of ' .. KEYS[1] .. ' is not an integer')
+  end
+end
+-- writes
+local acked = 0
+for i = 2, #ARGV, 3 do
+  local entry_id, order_id = ARGV[i], ARGV[i + 1]
   if redis.call('XACK', KEYS[3], ARGV[1], entry_id) == 1 then
     redis.call('XDEL', KEYS[3], entry_id)
     redis.call('HDEL', KEYS[2], order_id)
-    if live then redis.call('HINCRBY', KEYS[1], 'pending', -qty) end
+    if live then redis.call('HINCRBY', KEYS[1], 'pending', -qtys[i]) end
     acked = acked + 1
   end
 end

@@ -17,41 +17,100 @@ ARGV[5]  reason
 ARGV[6]  raw entry fields, as text
 ARGV[7]  dead-letter stream max length
 
-Returns {moved (1/0), quantity released}.
+Returns {moved (1/0), quantity released}: {0, 0} when the entry is not
+pending in the group (acked already, no such group or stream).
+Errors (nothing written): "ERR bad arguments", "ERR bad quantity",
+"ERR bad max length", "ERR malformed hold of <order_id>",
+"ERR <field> of <key> is not an integer", "ERR <what> key holds a <type>".
 
 When the sale hash is missing (being rebuilt) only the entry and its
 pending record go: the rebuild counts holds from what remains.
 
-Guarantee: the XACK answer gates everything, so an entry is dead-lettered at
-most once, its pending quantity lowered at most once, and its hold (if still
-held) returned to `available` at most once: the accepted order ends as
-exactly one compensation.
+Guarantee: checks first, writes last. Whether the entry is still pending
+(what XACK would answer) is read first and gates everything, so an entry is
+dead-lettered at most once, its pending quantity lowered at most once, and
+its hold (if still held) returned to `available` at most once: the accepted
+order ends as exactly one compensation. Every argument and every value read
+is validated before the first write, so a refused call changes nothing (the
+entry stays pending and is retried).
 ]]
-if redis.call('XACK', KEYS[5], ARGV[1], ARGV[2]) == 0 then return {0, 0} end
-local released = 0
-local order_id = ARGV[3]
+local function int(v)
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
+  return tonumber(v)
+end
+local function kind(key, want, what)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'none' and t ~= want then
+    return redis.error_reply('ERR ' .. what .. ' key holds a ' .. t)
+  end
+end
+local function counter(key, field, value)  -- a hash field HINCRBY may change (absent = 0)
+  if value and not int(value) then
+    return redis.error_reply('ERR ' .. field .. ' of ' .. key .. ' is not an integer')
+  end
+end
+
+-- checks: arguments
+local group, entry_id, order_id = ARGV[1], ARGV[2], ARGV[3]
+if #ARGV ~= 7 or group == '' or not string.match(entry_id, '^%d+%-%d+$') then
+  return redis.error_reply('ERR bad arguments')
+end
+local qty = int(ARGV[4])
+if not qty or qty < 0 then return redis.error_reply('ERR bad quantity') end
+local maxlen = int(ARGV[7])
+if not maxlen or maxlen < 1 then return redis.error_reply('ERR bad max length') end
+-- checks: is the entry pending in the group?
+local err = kind(KEYS[5], 'stream', 'stream')
+if err then return err end
+if redis.call('EXISTS', KEYS[5]) == 0 then return {0, 0} end
+local has_group = false
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[5])) do
+  for j = 1, #g, 2 do
+    if g[j] == 'name' and g[j + 1] == group then has_group = true end
+  end
+end
+if not has_group then return {0, 0} end
+if #redis.call('XPENDING', KEYS[5], group, entry_id, entry_id, 1) == 0 then return {0, 0} end
+-- checks: every key written and every value read
+for _, c in ipairs({{KEYS[2], 'hash', 'users'}, {KEYS[3], 'hash', 'holds'},
+                    {KEYS[4], 'hash', 'pending'}, {KEYS[6], 'stream', 'dead-letter'}}) do
+  err = kind(c[1], c[2], c[3])
+  if err then return err end
+end
 local live = redis.call('EXISTS', KEYS[1]) == 1
-if order_id ~= '' and live then
-  local hold = redis.call('HGET', KEYS[3], order_id)
+local released, user = 0, nil
+if live then
+  local f = redis.call('HMGET', KEYS[1], 'available', 'pending')
+  err = counter(KEYS[1], 'available', f[1]) or counter(KEYS[1], 'pending', f[2])
+  if err then return err end
+  local hold = order_id ~= '' and redis.call('HGET', KEYS[3], order_id)
   if hold then
     local sep = string.find(hold, ':', 1, true)
-    released = tonumber(string.sub(hold, 1, sep - 1))
-    local user = string.sub(hold, sep + 1)
-    redis.call('HDEL', KEYS[3], order_id)
-    redis.call('HINCRBY', KEYS[1], 'available', released)
-    if redis.call('HINCRBY', KEYS[2], user, -released) <= 0 then
-      redis.call('HDEL', KEYS[2], user)
+    released = sep and int(string.sub(hold, 1, sep - 1))
+    if not released or released < 1 or sep == #hold then
+      return redis.error_reply('ERR malformed hold of ' .. order_id)
     end
+    user = string.sub(hold, sep + 1)
+    err = counter(KEYS[2], user, redis.call('HGET', KEYS[2], user))
+    if err then return err end
+  end
+end
+
+-- writes
+redis.call('XACK', KEYS[5], group, entry_id)
+if user then
+  redis.call('HDEL', KEYS[3], order_id)
+  redis.call('HINCRBY', KEYS[1], 'available', released)
+  if redis.call('HINCRBY', KEYS[2], user, -released) <= 0 then
+    redis.call('HDEL', KEYS[2], user)
   end
 end
 if order_id ~= '' then
   redis.call('HDEL', KEYS[4], order_id)
 end
-redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'entry', ARGV[2], 'o', order_id,
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', maxlen, '*', 'entry', entry_id, 'o', order_id,
   'q', ARGV[4], 'reason', ARGV[5], 'raw', ARGV[6])
-redis.call('XDEL', KEYS[5], ARGV[2])
--- an unreadable entry counts 0: never pass -0, which HINCRBY refuses (the
--- script would fail after its writes, uncounted, and stall the batch)
-local qty = tonumber(ARGV[4])
+redis.call('XDEL', KEYS[5], entry_id)
+-- an unreadable entry counts 0: never pass -0, which HINCRBY refuses
 if live and qty > 0 then redis.call('HINCRBY', KEYS[1], 'pending', -qty) end
 return {1, released}

@@ -3,20 +3,52 @@ load_sale -- put a new sale into Redis, once.
 
 KEYS[1]  sale hash  <p>:{<sale>}:sale
 KEYS[2]  stream     <p>:{<sale>}:stream
-KEYS[3]  restocks   <p>:{<sale>}:restocks  (set of applied restock ids)
-ARGV     stock, limit, price, starts_ms, ends_ms (0 = none), hold_ms, group
+KEYS[3]  restocks   <p>:{<sale>}:restocks  (set of applied restock ids; not written here)
+ARGV     stock (>= 0), limit (>= 1), price (>= 0), starts_ms (>= 0),
+         ends_ms (0 = none), hold_ms (>= 1), group (non-empty)
 
 Returns 1 when loaded, 0 when the sale was already there (nothing changed).
+Errors (nothing written): "ERR bad arguments", "ERR stream key holds a <type>".
 
 Guarantee: never overwrites a live sale's counters; the stream's consumer
 group exists from the first entry on (created at id 0, so nothing added
-before a consumer starts is missed).
+before a consumer starts is missed). Checks first, writes last: the
+arguments are validated and the group looked up (XINFO GROUPS) before the
+first write, so no error can leave a sale without its group.
 ]]
+local function int(v)
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
+  return tonumber(v)
+end
+local function group_exists(stream, group)
+  if redis.call('EXISTS', stream) == 0 then return false end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    for j = 1, #g, 2 do
+      if g[j] == 'name' and g[j + 1] == group then return true end
+    end
+  end
+  return false
+end
+
+-- checks
+local stock, limit, price = int(ARGV[1]), int(ARGV[2]), int(ARGV[3])
+local starts_ms, ends_ms, hold_ms = int(ARGV[4]), int(ARGV[5]), int(ARGV[6])
+if #ARGV ~= 7 or not (stock and stock >= 0 and limit and limit >= 1 and price and price >= 0
+    and starts_ms and starts_ms >= 0 and ends_ms and ends_ms >= 0 and hold_ms and hold_ms >= 1)
+    or ARGV[7] == '' then
+  return redis.error_reply('ERR bad arguments')
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'none' and t ~= 'stream' then
+  return redis.error_reply('ERR stream key holds a ' .. t)
+end
+local has_group = group_exists(KEYS[2], ARGV[7])
+
+-- writes
 redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'available', ARGV[1], 'pending', 0,
   'limit', ARGV[2], 'price', ARGV[3], 'starts_ms', ARGV[4], 'ends_ms', ARGV[5], 'hold_ms', ARGV[6])
-local ok = redis.pcall('XGROUP', 'CREATE', KEYS[2], ARGV[7], '0', 'MKSTREAM')
-if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP', 1, true) then
-  return redis.error_reply(ok.err)
+if not has_group then
+  redis.call('XGROUP', 'CREATE', KEYS[2], ARGV[7], '0', 'MKSTREAM')
 end
 return 1

@@ -1,9 +1,12 @@
 --[[
 rebuild_sale -- recreate a sale's Redis counters from PostgreSQL plus what
 Redis still holds, after Redis lost the sale (restart without data,
-eviction) or after `reconcile --repair` removed the sale hash to freeze it.
-Runs only while the sale hash is absent: reservations answer "unavailable"
-meanwhile, and no other script recreates the hash.
+eviction), after `reconcile --repair` removed the sale hash to freeze it, or
+after Redis lost writes PostgreSQL has (a restart that lost its last second:
+the stream was last generated below the last entry PostgreSQL persisted).
+Runs only while the sale hash is absent (reservations answer "unavailable"
+meanwhile, and no other script recreates the hash) or while the stream is
+behind the watermark.
 
 KEYS[1]  sale hash     <p>:{<sale>}:sale
 KEYS[2]  users hash    <p>:{<sale>}:users
@@ -12,12 +15,13 @@ KEYS[4]  pending hash  <p>:{<sale>}:pending   (read: orders still to persist)
 KEYS[5]  stream        <p>:{<sale>}:stream
 KEYS[6]  restocks      <p>:{<sale>}:restocks
 ARGV[1..7]  stock, limit, price, starts_ms, ends_ms, hold_ms, consumer group
-ARGV[8]     n: number of PostgreSQL holds that follow
-ARGV[9 .. 8+3n]   triples order_id, qty, user_id: orders PostgreSQL has holding
+ARGV[8]     watermark "<ms>-<seq>": the last stream entry id PostgreSQL persisted
+ARGV[9]     n: number of PostgreSQL holds that follow
+ARGV[10 .. 9+3n]  triples order_id, qty, user_id: orders PostgreSQL has holding
                   stock (awaiting_payment, paid, shipped)
-ARGV[9+3n]        m: number of released order ids that follow
-ARGV[10+3n .. 9+3n+m]  orders PostgreSQL has released that Redis still holds
-ARGV[10+3n+m ..]  restock ids already counted in `stock`
+ARGV[10+3n]       m: number of released order ids that follow
+ARGV[11+3n .. 10+3n+m]  orders PostgreSQL has released that Redis still holds
+ARGV[11+3n+m ..]  restock ids already counted in `stock`
 
 Holds = PostgreSQL's holds, plus every hold Redis still has that PostgreSQL
 has not released (pending orders, or orders persisted after the snapshot).
@@ -25,29 +29,96 @@ A hold counted here whose release is still under way is returned later by
 the release outbox (the release script finds it and adds it back), so the
 only possible error is transient under-selling, never overselling.
 
-Returns 1 rebuilt, 0 the sale hash exists (nothing changed).
+The stream's last id is raised to the watermark (XSETID) when it was behind,
+so new entries sort after every persisted one and the sale is not found
+behind again.
+
+Returns 1 rebuilt (the hash was missing), 2 rebuilt over a sale whose stream
+was behind the watermark, 0 the sale hash exists and its stream is not
+behind (nothing changed).
+Errors (nothing written): "ERR bad arguments", "ERR bad hold at argument <i>",
+"ERR malformed hold of <order_id>", "ERR malformed pending record of <order_id>",
+"ERR <what> key holds a <type>", "rebuild_sale: holds exceed stock".
+
+Guarantee: checks first, writes last. Every argument, every hold and pending
+record Redis has, the key types and the group's existence (XINFO GROUPS) are
+checked before the first write, so a refused rebuild changes nothing.
 ]]
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local stock = tonumber(ARGV[1])
-local n = tonumber(ARGV[8])
-local holds = {}
-local order = {}
-for i = 0, n - 1 do
-  local b = 9 + 3 * i
-  if not holds[ARGV[b]] then order[#order + 1] = ARGV[b] end
-  holds[ARGV[b]] = {tonumber(ARGV[b + 1]), ARGV[b + 2]}
+local function int(v)
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
+  return tonumber(v)
 end
-local m_at = 9 + 3 * n
-local m = tonumber(ARGV[m_at])
+
+-- checks: arguments
+local stock, limit, price = int(ARGV[1]), int(ARGV[2]), int(ARGV[3])
+local starts_ms, ends_ms, hold_ms = int(ARGV[4]), int(ARGV[5]), int(ARGV[6])
+local group = ARGV[7]
+local wm_ms, wm_seq = string.match(ARGV[8] or '', '^(%d+)%-(%d+)$')
+wm_ms, wm_seq = int(wm_ms), int(wm_seq)
+local n = int(ARGV[9])
+if not (stock and stock >= 0 and limit and limit >= 1 and price and price >= 0
+    and starts_ms and starts_ms >= 0 and ends_ms and ends_ms >= 0 and hold_ms and hold_ms >= 1
+    and group and group ~= '' and wm_ms and wm_seq and n and n >= 0
+    and #ARGV >= 10 + 3 * n) then
+  return redis.error_reply('ERR bad arguments')
+end
+local holds, order = {}, {}
+for i = 0, n - 1 do
+  local b = 10 + 3 * i
+  local oid, qty, user = ARGV[b], int(ARGV[b + 1]), ARGV[b + 2]
+  if oid == '' or not qty or qty < 1 or user == '' then
+    return redis.error_reply('ERR bad hold at argument ' .. b)
+  end
+  if not holds[oid] then order[#order + 1] = oid end
+  holds[oid] = {qty, user}
+end
+local m_at = 10 + 3 * n
+local m = int(ARGV[m_at])
+if not m or m < 0 or #ARGV < m_at + m then return redis.error_reply('ERR bad arguments') end
 local released = {}
 for i = m_at + 1, m_at + m do released[ARGV[i]] = true end
+for i = m_at + m + 1, #ARGV do
+  if ARGV[i] == '' then return redis.error_reply('ERR bad arguments') end
+end
+-- checks: the keys
+local types = {{KEYS[1], 'hash', 'sale'}, {KEYS[2], 'hash', 'users'}, {KEYS[3], 'hash', 'holds'},
+               {KEYS[4], 'hash', 'pending'}, {KEYS[5], 'stream', 'stream'},
+               {KEYS[6], 'set', 'restocks'}}
+for _, c in ipairs(types) do
+  local t = redis.call('TYPE', c[1])['ok']
+  if t ~= 'none' and t ~= c[2] then
+    return redis.error_reply('ERR ' .. c[3] .. ' key holds a ' .. t)
+  end
+end
+local has_group, last_ms, last_seq = false, 0, 0
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[5])
+  for j = 1, #info, 2 do
+    if info[j] == 'last-generated-id' then
+      local ms, seq = string.match(info[j + 1], '^(%d+)%-(%d+)$')
+      last_ms, last_seq = tonumber(ms), tonumber(seq)
+    end
+  end
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[5])) do
+    for j = 1, #g, 2 do
+      if g[j] == 'name' and g[j + 1] == group then has_group = true end
+    end
+  end
+end
+local behind = last_ms < wm_ms or (last_ms == wm_ms and last_seq < wm_seq)
+local existed = redis.call('EXISTS', KEYS[1]) == 1
+if existed and not behind then return 0 end
+-- checks: what Redis still holds, and its pending orders
 local redis_holds = redis.call('HGETALL', KEYS[3])
 for i = 1, #redis_holds, 2 do
-  local oid = redis_holds[i]
+  local oid, v = redis_holds[i], redis_holds[i + 1]
+  local sep = string.find(v, ':', 1, true)
+  local qty = sep and int(string.sub(v, 1, sep - 1))
+  if not qty or qty < 1 or sep == #v then
+    return redis.error_reply('ERR malformed hold of ' .. oid)
+  end
   if not holds[oid] and not released[oid] then
-    local v = redis_holds[i + 1]
-    local sep = string.find(v, ':', 1, true)
-    holds[oid] = {tonumber(string.sub(v, 1, sep - 1)), string.sub(v, sep + 1)}
+    holds[oid] = {qty, string.sub(v, sep + 1)}
     order[#order + 1] = oid
   end
 end
@@ -58,14 +129,20 @@ if available < 0 then
   return redis.error_reply('rebuild_sale: holds exceed stock')
 end
 local pending = 0
-local pend = redis.call('HVALS', KEYS[4])
-for _, v in ipairs(pend) do
+local pend = redis.call('HGETALL', KEYS[4])
+for i = 1, #pend, 2 do
+  local v = pend[i + 1]
   local t1 = string.find(v, '\t', 1, true)
-  local t2 = string.find(v, '\t', t1 + 1, true)
-  pending = pending + tonumber(string.sub(v, t1 + 1, t2 - 1))
+  local t2 = t1 and string.find(v, '\t', t1 + 1, true)
+  local qty = t2 and int(string.sub(v, t1 + 1, t2 - 1))
+  if not qty or qty < 1 then
+    return redis.error_reply('ERR malformed pending record of ' .. pend[i])
+  end
+  pending = pending + qty
 end
+
 -- writes
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 for _, oid in ipairs(order) do
   local h = holds[oid]
   redis.call('HSET', KEYS[3], oid, h[1] .. ':' .. h[2])
@@ -74,10 +151,13 @@ end
 for i = m_at + m + 1, #ARGV do
   redis.call('SADD', KEYS[6], ARGV[i])
 end
-redis.call('HSET', KEYS[1], 'stock', stock, 'available', available, 'pending', pending,
+redis.call('HSET', KEYS[1], 'stock', ARGV[1], 'available', available, 'pending', pending,
   'limit', ARGV[2], 'price', ARGV[3], 'starts_ms', ARGV[4], 'ends_ms', ARGV[5], 'hold_ms', ARGV[6])
-local ok = redis.pcall('XGROUP', 'CREATE', KEYS[5], ARGV[7], '0', 'MKSTREAM')
-if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP', 1, true) then
-  return redis.error_reply(ok.err)
+if not has_group then
+  redis.call('XGROUP', 'CREATE', KEYS[5], group, '0', 'MKSTREAM')
 end
+if behind then
+  redis.call('XSETID', KEYS[5], ARGV[8])
+end
+if existed then return 2 end
 return 1

@@ -11,30 +11,47 @@ released, 0 when the order holds nothing (already released, never accepted,
 or Redis was rebuilt from PostgreSQL after the release committed there), or
 -1 for every order when the sale is missing in Redis (lost or being rebuilt):
 nothing changes and the caller must retry after the rebuild.
-Error (nothing written): "ERR malformed hold of <order_id>".
+Errors (nothing written): "ERR no order ids", "ERR malformed hold of <order_id>",
+"ERR <field> of <key> is not an integer".
 
 Guarantee: the hold entry is the guard; it is removed in the same atomic step
 that adds the quantity back, so a release retried any number of times (a
 compensator crash, two compensators, an order id twice in one call) returns
-stock exactly once.
+stock exactly once. Checks first, writes last: every hold, every held count
+and `available` are read and validated before the first write.
 ]]
+local function int(v)
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
+  return tonumber(v)
+end
+local function counter(key, field, value)  -- a hash field HINCRBY may change (absent = 0)
+  if value and not int(value) then
+    return redis.error_reply('ERR ' .. field .. ' of ' .. key .. ' is not an integer')
+  end
+end
+
+if #ARGV == 0 then return redis.error_reply('ERR no order ids') end
 local out = {}
 if redis.call('EXISTS', KEYS[1]) == 0 then
   for i = 1, #ARGV do out[i] = -1 end
   return out
 end
--- checks: read and parse every hold before the first write
+-- checks: read and parse every hold, every held count and `available`
+local err = counter(KEYS[1], 'available', redis.call('HGET', KEYS[1], 'available'))
+if err then return err end
 local qtys, users, seen = {}, {}, {}
 for i = 1, #ARGV do
   local hold = (not seen[ARGV[i]]) and redis.call('HGET', KEYS[3], ARGV[i])
   seen[ARGV[i]] = true
   if hold then
     local sep = string.find(hold, ':', 1, true)
-    local qty = sep and tonumber(string.sub(hold, 1, sep - 1))
-    if not qty then
+    local qty = sep and int(string.sub(hold, 1, sep - 1))
+    if not qty or qty < 1 or sep == #hold then
       return redis.error_reply('ERR malformed hold of ' .. ARGV[i])
     end
     qtys[i], users[i] = qty, string.sub(hold, sep + 1)
+    err = counter(KEYS[2], users[i], redis.call('HGET', KEYS[2], users[i]))
+    if err then return err end
   end
 end
 -- writes

@@ -3,17 +3,40 @@ restock -- add a committed restock to a sale's Redis counters, at most once.
 
 KEYS[1]  sale hash  <p>:{<sale>}:sale      (stock, available)
 KEYS[2]  restocks   <p>:{<sale>}:restocks  set of applied restock ids
-ARGV[1]  restock id (the PostgreSQL restocks row)
-ARGV[2]  quantity
+ARGV[1]  restock id (the PostgreSQL restocks row, an integer >= 1)
+ARGV[2]  quantity (an integer >= 1)
 
 Returns 1 applied, 0 already applied, -1 sale not in Redis (reconcile
 rebuilds it from PostgreSQL, which already counts this restock).
+Errors (nothing written): "ERR bad arguments", "ERR <field> of <key> is not
+an integer", "ERR restocks key holds a <type>".
 
 Guarantee: a restock row is applied to Redis exactly once however often the
-front or the compensator retries it.
+front or the compensator retries it. Checks first, writes last: the id is
+recorded only in the step that adds the quantity, never alone.
 ]]
+local function int(v)
+  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
+  return tonumber(v)
+end
+
+-- checks
+local id, qty = int(ARGV[1]), int(ARGV[2])
+if #ARGV ~= 2 or not id or id < 1 or not qty or qty < 1 then
+  return redis.error_reply('ERR bad arguments')
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('HINCRBY', KEYS[1], 'stock', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'available', ARGV[2])
+local f = redis.call('HMGET', KEYS[1], 'stock', 'available')
+for i, field in ipairs({'stock', 'available'}) do
+  if f[i] and not int(f[i]) then
+    return redis.error_reply('ERR ' .. field .. ' of ' .. KEYS[1] .. ' is not an integer')
+  end
+end
+local t = redis.call('TYPE', KEYS[2])['ok']
+if t ~= 'none' and t ~= 'set' then return redis.error_reply('ERR restocks key holds a ' .. t) end
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+-- writes
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'stock', qty)
+redis.call('HINCRBY', KEYS[1], 'available', qty)
 return 1

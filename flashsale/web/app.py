@@ -53,26 +53,30 @@ class Workers:
 
 
 async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with open_backends(app[SETTINGS]) as b:
+    async with open_backends(app[SETTINGS], guarded=True) as b:
         app[BACKENDS] = b
+        app[REBUILDS] = Rebuilds(b)
+        await app[REBUILDS].verify()  # Redis checked against PostgreSQL before any use
         try:
             await b.scripts.preload(b.redis)
         except Exception as exc:  # readiness reports it; EVALSHA reloads on NOSCRIPT
             log.warning("could not preload scripts: %r", exc)
         app[RESERVER] = Reserver(b)
-        app[REBUILDS] = Rebuilds(b)
         yield
         await app[RESERVER].close()
         await app[REBUILDS].close()
 
 
 async def _periodic_rebuild(app: web.Application, stop: asyncio.Event) -> None:
-    """Detect sales whose Redis state is gone and rebuild them, at start and on a schedule."""
+    """Detect sales whose Redis state is gone, or lost writes PostgreSQL has
+    (stream behind the persisted watermark), and rebuild them, at start and on
+    a schedule."""
     while not stop.is_set():
         try:
             rebuilt = await ledger.rebuild_missing(app[BACKENDS])
             if rebuilt:
-                log.warning("rebuilt %d sale(s) missing in Redis", len(rebuilt))
+                log.warning("rebuilt %d sale(s) missing in Redis or behind PostgreSQL",
+                            len(rebuilt))
         except Exception as exc:
             log.warning("rebuild sweep failed: %r", exc)
         with contextlib.suppress(TimeoutError):

@@ -251,6 +251,19 @@ SCHEMA: dict[int, dict[str, Table]] = {
             },
         ),
     },
+    3: {
+        # the stream watermark: the last stream entry id persisted per sale
+        "sales": Table(
+            columns=(
+                ("persisted_stream_ms", "bigint", NOT_NULL),
+                ("persisted_stream_seq", "bigint", NOT_NULL),
+            ),
+            constraints={
+                "sales_persisted_stream_ms_check": "c",
+                "sales_persisted_stream_seq_check": "c",
+            },
+        ),
+    },
     4: {
         "payment_inbox": Table(
             columns=(
@@ -495,6 +508,8 @@ async def _order(
         {"name": ""},
         {"ends_at": NOW},
         {"ends_at": NOW - timedelta(seconds=1)},
+        {"persisted_stream_ms": -1},
+        {"persisted_stream_seq": -1},
     ],
     ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items())[:40],
 )
