@@ -53,10 +53,10 @@ def _counter(m: Metrics, name: str) -> float:
     return float(found.group(1))
 
 
-def _as_role(dsn: str, role: str) -> str:
+def _as_role(dsn: str, role: str, password: str) -> str:
     parts = urlsplit(dsn)
     host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}"))
 
 
 @contextlib.asynccontextmanager
@@ -67,11 +67,12 @@ async def _busy_lab(
     as a role of its own whose statements PostgreSQL cancels after
     STATEMENT_TIMEOUT_MS, and an admin connection to make trouble with."""
     role = "fs_busy_" + secrets.token_hex(4)
+    password = secrets.token_hex(16)  # the embedded PostgreSQL asks for one (scram)
     async with fresh_database(server_urls[1], "flashsale_faults") as dsn:
         admin = await asyncpg.connect(dsn)
         try:
             await admin.execute(
-                f"CREATE ROLE {role} LOGIN; "
+                f"CREATE ROLE {role} LOGIN PASSWORD '{password}'; "
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; "
                 f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}; "
                 f"ALTER ROLE {role} SET statement_timeout = '{STATEMENT_TIMEOUT_MS}ms'"
@@ -80,7 +81,7 @@ async def _busy_lab(
                 redis_url, dsn, consumer_claim_idle_ms=CLAIM_IDLE_MS,
                 consumer_max_deliveries=max_deliveries, pg_pool_min=1, pg_pool_max=4,
             )
-            consumer_settings = replace(settings, database_url=_as_role(dsn, role))
+            consumer_settings = replace(settings, database_url=_as_role(dsn, role, password))
             async with running_app(settings) as api, open_backends(consumer_settings) as b:
                 yield api, b, role, admin
         finally:
