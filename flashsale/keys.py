@@ -8,6 +8,8 @@
     <p>:{<sale>}:stream     stream of accepted orders, consumed by the persister
     <p>:{<sale>}:restocks   set of restock ids applied
     <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
+    <p>:{<sale>}:void       sorted set: order ids found unreserved after a lost
+                            reply (score: ms); reserve_batch never reserves them
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
 
@@ -57,6 +59,10 @@ class SaleKeys:
     def dlq(self) -> str:
         return f"{self.tag}:dlq"
 
+    @property
+    def void(self) -> str:
+        return f"{self.tag}:void"
+
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix
         return f"{scope}:idem:{len(user_id)}:{user_id}:{key}"
@@ -64,5 +70,5 @@ class SaleKeys:
     def all_sale_keys(self) -> tuple[str, ...]:
         return (
             self.sale, self.users, self.holds, self.pending, self.stream, self.restocks,
-            self.dlq,
+            self.dlq, self.void,
         )

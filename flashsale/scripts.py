@@ -38,6 +38,7 @@ SCRIPT_FILES = {
     "rebuild_sale": "rebuild_sale-6.lua",
     "dead_letter": "dead_letter-6.lua",
     "publish_events": "publish_events-1.lua",
+    "resolve_orders": "resolve_orders-3.lua",
 }
 
 
@@ -51,6 +52,7 @@ class Scripts:
     rebuild_sale: AsyncScript
     dead_letter: AsyncScript
     publish_events: AsyncScript
+    resolve_orders: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
@@ -84,3 +86,6 @@ RESERVE_ERRORS: dict[int, type[errors.FlashsaleError]] = {
     -5: errors.SoldOut,
 }
 CODE_OF_ERROR = {cls.code: code for code, cls in RESERVE_ERRORS.items()}
+# the order id was voided by resolve_orders (its reply was lost and it had not
+# run): only a late copy of a lost request gets it; nothing written
+VOIDED = -6
