@@ -12,6 +12,9 @@
                             reply (score: ms); reserve_batch never reserves them
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
+    <p>:idemclaim:<len>:<user>:<key> Redis Cluster only: "<sale>|<qty>", the sale and
+                            body the buyer's key is bound to, across sales (SET NX
+                            before the reservation; TTL longer than the record's)
 
 The user id is length-prefixed so that no two (user, key) pairs share a name.
 """
@@ -66,6 +69,12 @@ class SaleKeys:
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix
         return f"{scope}:idem:{len(user_id)}:{user_id}:{key}"
+
+    def idempotency_claim(self, user_id: str, key: str) -> str:
+        """Redis Cluster: the buyer's claim of a key for one sale and body, in a
+        slot of its own (reserve.Reserver._claim), since the record above lives
+        in the sale's slot and cannot see the buyer's other sales."""
+        return f"{self.prefix}:idemclaim:{len(user_id)}:{user_id}:{key}"
 
     def all_sale_keys(self) -> tuple[str, ...]:
         return (

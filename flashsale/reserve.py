@@ -41,7 +41,7 @@ from flashsale.backends import Backends
 from flashsale.compensate import Unpersisted, release_many_in_redis, release_many_unpersisted
 from flashsale.keys import SaleKeys
 from flashsale.ledger import HOLDING
-from flashsale.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS, VOIDED
+from flashsale.scripts import ACCEPTED, CODE_OF_ERROR, REPLAY, RESERVE_ERRORS, VOIDED
 from flashsale.validate import iso_ms
 
 log = logging.getLogger("flashsale.reserve")
@@ -64,6 +64,7 @@ RELEASE_ACTOR = "reserver"
 RELEASE_DETAIL = "reservation reply lost; released before the 503"
 RESOLVE_PAUSE_S = 0.05  # between lookups of a lost reply (each bounded by redis_timeout_s)
 VOID_KEEP_MS = 86_400_000  # a voided order id is refused this long (lua/resolve_orders-3.lua)
+CLAIM_MARGIN_S = 300  # a cluster key claim outlives the sale's record it guards by this
 RESERVE_SALE_MISSING = -1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the packing's separators and the records'
 
@@ -135,6 +136,7 @@ class Refused:
 Outcome = Accepted | Refused
 _REFUSED = {code: Refused(cls, replay=False) for code, cls in RESERVE_ERRORS.items()}
 _REFUSED_REPLAY = {code: Refused(cls, replay=True) for code, cls in RESERVE_ERRORS.items()}
+_KEY_REUSED = _REFUSED[CODE_OF_ERROR[errors.IdempotencyKeyReused.code]]
 
 
 def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
@@ -266,6 +268,8 @@ class Reserver:
         now_ms = int(time.time() * 1000)
         k = self._b.keys(sale_id)
         items = _pack(k, items, now_ms)
+        if items and self._b.settings.redis_cluster:
+            items = await self._claim(k, items)
         if not items:
             return
         keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
@@ -293,6 +297,34 @@ class Reserver:
                 item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             else:
                 item.future.set_result(_outcome(sale_id, item, code, detail))
+
+    async def _claim(self, k: SaleKeys, items: list[_Item]) -> list[_Item]:
+        """Redis Cluster: each keyed item claims its key for this sale and body
+        (``SET NX``, the buyer's own record, outside the sale's slot) before the
+        script runs, since the sale's idempotency record lives in the sale's slot
+        and cannot see other sales. A claim naming another sale or body is 422,
+        whichever request came first; the claim outlives the record it guards.
+        Returns the items still to decide."""
+        keyed = [item for item in items if item.idempotency_key is not None]
+        if not keyed:
+            return items
+        ttl = self._b.settings.idempotency_ttl_s + CLAIM_MARGIN_S
+        try:
+            async with self._b.redis.pipeline(transaction=False) as pipe:
+                for item in keyed:
+                    assert item.idempotency_key is not None
+                    pipe.set(
+                        k.idempotency_claim(item.user_id, item.idempotency_key),
+                        item.fingerprint, nx=True, ex=ttl, get=True,
+                    )
+                claimed: list[Any] = await pipe.execute()
+        except (RedisError, OSError):  # no script ran: nothing reserved
+            self._fail_all(keyed, errors.Unavailable("Redis did not answer; nothing was reserved"))
+        else:
+            for item, prev in zip(keyed, claimed, strict=True):
+                if prev is not None and prev != item.fingerprint:
+                    item.future.set_result(_KEY_REUSED)
+        return [item for item in items if not item.future.done()]
 
     async def _resolve(self, sale_id: str, items: list[_Item], now_ms: int) -> None:
         """The call failed after it was sent. Ask Redis (resolve_orders, fresh
