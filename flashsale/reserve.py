@@ -52,8 +52,8 @@ OUTCOME_UNKNOWN = (
 )
 NOT_RESERVED = "Redis did not answer the reservation in time; nothing was reserved: retry"
 RELEASED = (
-    "Redis did not answer the reservation in time; it was cancelled, so nothing stays "
-    "reserved (stock it may have taken is being returned): retry"
+    "Redis did not answer the reservation in time and its outcome is unknown, so it was "
+    "cancelled: nothing stays reserved (stock it may have taken is being returned); retry"
 )
 UNKNOWN_KEYLESS = (
     "Redis and PostgreSQL did not answer during the reservation; its outcome is unknown and, "
@@ -337,6 +337,12 @@ class Reserver:
         window = self._b.settings.reserve_resolve_s
         found = await self._lookup(sale_id, [i.order_id for i in items], now_ms, window)
         if found is not None:
+            reserved = sum(1 for code, _detail in found.values() if code == ACCEPTED)
+            log.warning(
+                "lost reply of a reservation batch of sale %s resolved: %d reserved (202), "
+                "%d voided (503)", sale_id, reserved, len(items) - reserved,
+                extra={"resolved_reserved": reserved, "resolved_voided": len(items) - reserved},
+            )
             for item in items:
                 code, detail = found[item.order_id]
                 if code == ACCEPTED:
@@ -344,10 +350,14 @@ class Reserver:
                 else:
                     item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             return
-        self._fail_all(
-            [i for i in items if i.idempotency_key is not None], errors.Unavailable(OUTCOME_UNKNOWN)
-        )
+        keyed = [item for item in items if item.idempotency_key is not None]
         keyless = [item for item in items if item.idempotency_key is None]
+        log.warning(
+            "lost reply of a reservation batch of sale %s unresolved: %d keyed answered "
+            "'outcome unknown', %d keyless to release", sale_id, len(keyed), len(keyless),
+            extra={"unresolved_keyed": len(keyed), "unresolved_keyless": len(keyless)},
+        )
+        self._fail_all(keyed, errors.Unavailable(OUTCOME_UNKNOWN))
         if keyless:
             await self._release_unknown(sale_id, keyless, now_ms)
 
