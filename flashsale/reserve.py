@@ -255,23 +255,31 @@ class Reserver:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, sale_id: str, lane: _Lane, items: list[_Item]) -> None:
+        lost: tuple[list[_Item], int] | None = None
         try:
-            await self._decide(sale_id, items)
+            lost = await self._decide(sale_id, items)
         finally:
             lane.inflight -= 1
             if lane.waiting:
                 self._schedule(sale_id, lane)
             elif lane.inflight == 0 and self._lanes.get(sale_id) is lane:
                 del self._lanes[sale_id]
+        if lost is not None:  # resolved outside the lane's slot: the next batch goes on
+            try:
+                await self._resolve(sale_id, *lost)
+            finally:  # cancelled half way: nobody is left without an answer
+                self._fail_all(lost[0], errors.Unavailable(OUTCOME_UNKNOWN))
 
-    async def _decide(self, sale_id: str, items: list[_Item]) -> None:
+    async def _decide(self, sale_id: str, items: list[_Item]) -> tuple[list[_Item], int] | None:
+        """One script call for the items. Returns the items and the batch's
+        now_ms when the reply was lost (the caller resolves them), else None."""
         now_ms = int(time.time() * 1000)
         k = self._b.keys(sale_id)
         items = _pack(k, items, now_ms)
         if items and self._b.settings.redis_cluster:
             items = await self._claim(k, items)
         if not items:
-            return
+            return None
         keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
         args: list[Any] = [now_ms, self._b.settings.idempotency_ttl_s, len(items)]
         for item in items:
@@ -281,11 +289,10 @@ class Reserver:
             results = await self._b.scripts.reserve_batch(keys=keys, args=args)
         except (RedisTimeoutError, RedisConnectionError, OSError):
             # sent, maybe run, the reply lost: find out before answering anyone
-            await self._resolve(sale_id, items, now_ms)
-            return
+            return items, now_ms
         except RedisError as exc:  # refused by Redis (BUSY, OOM, ...): the script wrote nothing
             self._fail_all(items, errors.Unavailable(f"reservation failed: {exc}"))
-            return
+            return None
         except BaseException:
             self._fail_all(items, errors.Unavailable(OUTCOME_UNKNOWN))
             raise
@@ -297,6 +304,7 @@ class Reserver:
                 item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             else:
                 item.future.set_result(_outcome(sale_id, item, code, detail))
+        return None
 
     async def _claim(self, k: SaleKeys, items: list[_Item]) -> list[_Item]:
         """Redis Cluster: each keyed item claims its key for this sale and body
