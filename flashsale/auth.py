@@ -26,10 +26,18 @@ def bearer(header: str | None) -> str:
 
 
 def valid_user_id(sub: object) -> str:
+    """The user id a token names: 1-64 characters, valid Unicode (a lone
+    surrogate such as JSON "\\ud800" cannot be encoded as UTF-8, so Redis could
+    never be sent it) and no control characters (the reservation batch packs
+    its fields with the unit separator, records with tabs and newlines)."""
     if not isinstance(sub, str) or not 1 <= len(sub) <= USER_ID_MAX:
         raise Unauthorized("the token's sub must be a string of 1-64 characters")
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in sub):
         raise Unauthorized("the token's sub must not contain control characters")
+    try:
+        sub.encode()
+    except UnicodeEncodeError:
+        raise Unauthorized("the token's sub must be valid Unicode (no lone surrogates)") from None
     return sub
 
 

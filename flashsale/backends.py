@@ -12,6 +12,8 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import EncodableT
@@ -105,6 +107,19 @@ class Backends:
         return SaleKeys(self.settings.key_prefix, sale_id, self.settings.redis_cluster)
 
 
+# redis-py's own retries send a command again after a timeout or a broken
+# link, blind to whether it ran. For the reservation script that is a second
+# reservation attempt (made harmless by reserve_batch.lua's per-order-id check,
+# but it doubles the wait); reserve.py instead asks Redis what happened
+# (resolve_orders) on a fresh connection. So: standalone, no retry at all
+# (stated, not left to redis-py's defaults, which differ by constructor);
+# cluster, one (redis-py's default is 10 with backoff, ~20 s of re-sends at
+# the default timeout), kept so that a failover's MOVED/CLUSTERDOWN is
+# followed once after the client refreshes its slot map.
+STANDALONE_RETRIES = 0
+CLUSTER_RETRIES = 1
+
+
 def redis_client(settings: Settings, guard: RestartGuard | None = None) -> RedisClient:
     """A standalone client, or a cluster client (the URL is a seed node) when
     FLASHSALE_REDIS_CLUSTER is set: every script's keys share the sale's slot.
@@ -117,6 +132,7 @@ def redis_client(settings: Settings, guard: RestartGuard | None = None) -> Redis
             socket_timeout=settings.redis_timeout_s,
             socket_connect_timeout=settings.redis_timeout_s,
             max_connections=256,
+            retry=Retry(NoBackoff(), CLUSTER_RETRIES),
         )
     return Redis.from_url(
         settings.redis_url,
@@ -126,6 +142,7 @@ def redis_client(settings: Settings, guard: RestartGuard | None = None) -> Redis
         health_check_interval=10,
         max_connections=256,
         redis_connect_func=guard.connect if guard is not None else None,
+        retry=Retry(NoBackoff(), STANDALONE_RETRIES),
     )
 
 

@@ -120,6 +120,9 @@ class Settings:
     http_max_connections: int = 4096  # open connections per process (clamped to the fd limit)
     quantity_max: int = 1_000_000
     redis_timeout_s: float = 2.0
+    # after a reservation call failed once sent: how long the front keeps asking
+    # Redis (fresh connections) which of its orders were reserved (reserve.py)
+    reserve_resolve_s: float = 1.0
     # consumer
     consumer_group: str = "persist"
     consumer_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
@@ -222,6 +225,7 @@ class Settings:
             consumer_batch_max=_int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
             consumer_concurrency=_int(env, "FLASHSALE_CONSUMER_CONCURRENCY", 4, 1, 32),
             reserve_queue_max=_int(env, "FLASHSALE_RESERVE_QUEUE_MAX", 4096, 1, 1_000_000),
+            reserve_resolve_s=_int(env, "FLASHSALE_RESERVE_RESOLVE_MS", 1000, 100, 60_000) / 1000,
             rate_user_per_s=_int(env, "FLASHSALE_RATE_USER_PER_S", 10, 0, 1_000_000),
             rate_user_burst=_int(env, "FLASHSALE_RATE_USER_BURST", 20, 1, 1_000_000),
             rate_global_per_s=_int(env, "FLASHSALE_RATE_GLOBAL_PER_S", 0, 0, 10_000_000),

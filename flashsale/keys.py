@@ -8,8 +8,13 @@
     <p>:{<sale>}:stream     stream of accepted orders, consumed by the persister
     <p>:{<sale>}:restocks   set of restock ids applied
     <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
+    <p>:{<sale>}:void       sorted set: order ids found unreserved after a lost
+                            reply (score: ms); reserve_batch never reserves them
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
+    <p>:idemclaim:<len>:<user>:<key> Redis Cluster only: "<sale>|<qty>", the sale and
+                            body the buyer's key is bound to, across sales (SET NX
+                            before the reservation; TTL longer than the record's)
 
 The user id is length-prefixed so that no two (user, key) pairs share a name.
 """
@@ -57,12 +62,22 @@ class SaleKeys:
     def dlq(self) -> str:
         return f"{self.tag}:dlq"
 
+    @property
+    def void(self) -> str:
+        return f"{self.tag}:void"
+
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix
         return f"{scope}:idem:{len(user_id)}:{user_id}:{key}"
 
+    def idempotency_claim(self, user_id: str, key: str) -> str:
+        """Redis Cluster: the buyer's claim of a key for one sale and body, in a
+        slot of its own (reserve.Reserver._claim), since the record above lives
+        in the sale's slot and cannot see the buyer's other sales."""
+        return f"{self.prefix}:idemclaim:{len(user_id)}:{user_id}:{key}"
+
     def all_sale_keys(self) -> tuple[str, ...]:
         return (
             self.sale, self.users, self.holds, self.pending, self.stream, self.restocks,
-            self.dlq,
+            self.dlq, self.void,
         )

@@ -40,6 +40,7 @@ SCRIPT_FILES = {
     "publish_events": "publish_events-1.lua",
     "end_sale": "end_sale-1.lua",
     "undo_delivery": "undo_delivery-1.lua",
+    "resolve_orders": "resolve_orders-3.lua",
 }
 
 
@@ -55,6 +56,7 @@ class Scripts:
     publish_events: AsyncScript
     end_sale: AsyncScript
     undo_delivery: AsyncScript
+    resolve_orders: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
@@ -88,3 +90,6 @@ RESERVE_ERRORS: dict[int, type[errors.FlashsaleError]] = {
     -5: errors.SoldOut,
 }
 CODE_OF_ERROR = {cls.code: code for code, cls in RESERVE_ERRORS.items()}
+# the order id was voided by resolve_orders (its reply was lost and it had not
+# run): only a late copy of a lost request gets it; nothing written
+VOIDED = -6

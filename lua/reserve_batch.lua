@@ -13,7 +13,9 @@ KEYS[2]    users hash     <p>:{<sale>}:users    user_id -> quantity held
 KEYS[3]    holds hash     <p>:{<sale>}:holds    order_id -> "<qty>:<user_id>"
 KEYS[4]    pending hash   <p>:{<sale>}:pending  order_id -> "<user>\t<qty>\t<amount>\t<expires_ms>\t<created_ms>\t<idem>"
 KEYS[5]    stream         <p>:{<sale>}:stream   one entry per accepted order
-KEYS[5+i]  idempotency record of item i (a string key with a TTL); when the
+KEYS[6]    void zset      <p>:{<sale>}:void     order ids found unreserved after a lost
+                                                reply (resolve_orders-3.lua); never reserved
+KEYS[6+i]  idempotency record of item i (a string key with a TTL); when the
            item has no key, KEYS[1] is repeated there and never touched
 
 ARGV[1]    now_ms         the front's clock (UTC ms)
@@ -33,19 +35,26 @@ Returns a flat array, two entries per item:  code, detail
   -3  idempotency_key_reused  (key holds another fingerprint; nothing written)
   -4  limit_exceeded      remembered under the key
   -5  sold_out            remembered under the key
-Precedence per item: sale exists > idempotency replay/reuse > sale active >
-per-user limit > stock. Replay comes before the active check so that a retry
-returns the first response "however many times" (contract, guarantee 4).
+  -6  void                the order id was voided by resolve_orders (its reply was
+                          lost and the front answered that nothing was reserved);
+                          nothing written. Only a late copy of a lost request sees it.
+Precedence per item: sale exists > void > order id already held (the same
+batch sent again: its acceptance, detail as the first time, nothing written) >
+idempotency replay/reuse > sale active > per-user limit > stock. Replay comes
+before the active check so that a retry returns the first response "however
+many times" (contract, guarantee 4). Because of the first two, a batch sent
+twice (a client library's retry) reserves each order id at most once.
 
 Idempotency record: "<fingerprint>\n<code>\n<detail>" (detail empty for errors).
 
 Guarantee: available never goes below 0; a buyer's held quantity never
-exceeds the limit; one key yields at most one order; each accepted order is
-in holds, pending and the stream, all written together.
+exceeds the limit; one key yields at most one order; one order id is reserved
+at most once, and never after it was voided; each accepted order is in holds,
+pending and the stream, all written together.
 ]]
 
-local sale_key, users_key, holds_key, pending_key, stream_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local sale_key, users_key, holds_key, pending_key, stream_key, void_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now_ms = tonumber(ARGV[1])
 local idem_ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -67,6 +76,8 @@ local starts_ms = tonumber(f[4])
 local ends_ms = tonumber(f[5])
 local hold_ms = tonumber(f[6])
 local active = now_ms >= starts_ms and (ends_ms == 0 or now_ms < ends_ms)
+-- the void set exists only after a lost reply: one EXISTS per batch otherwise
+local any_void = redis.call('EXISTS', void_key) == 1
 
 local function fields(packed)
   local out, at = {}, 1
@@ -89,12 +100,24 @@ for i = 1, n do
   local has_key = item[4] == '1'
   local fp = item[5]
   local idem_text = item[6]
-  local idem_key = KEYS[5 + i]
+  local idem_key = KEYS[6 + i]
   local code, detail = 0, ''
 
-  local rec = false
-  if has_key then rec = redis.call('GET', idem_key) end
-  if rec then
+  local rec, decided = false, false
+  if any_void and redis.call('ZSCORE', void_key, order_id) then
+    code, decided = -6, true
+  elseif not has_key and redis.call('HEXISTS', holds_key, order_id) == 1 then
+    -- the batch was sent again after its first run accepted this item (a keyed
+    -- item replays its record instead): the same acceptance, nothing written
+    detail = order_id .. '\t' .. qty .. '\t' .. string.format('%d', price * qty) .. '\t'
+      .. string.format('%d', now_ms + hold_ms)
+    decided = true
+  elseif has_key then
+    rec = redis.call('GET', idem_key)
+  end
+  if decided then
+    -- void, or accepted before: decided above
+  elseif rec then
     local nl = string.find(rec, '\n', 1, true)
     if string.sub(rec, 1, nl - 1) == fp then
       code, detail = 1, rec
@@ -128,7 +151,7 @@ for i = 1, n do
       detail = order_id .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s
     end
   end
-  if has_key and code ~= 1 and code ~= -3 then
+  if has_key and code ~= 1 and code ~= -3 and code ~= -6 then
     redis.call('SET', idem_key, fp .. '\n' .. code .. '\n' .. detail, 'EX', idem_ttl)
   end
   out[#out + 1] = code

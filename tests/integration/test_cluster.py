@@ -19,6 +19,7 @@ from redis import Redis
 from redis.crc import key_slot
 
 from flashsale.embedded import find_redis_server
+from flashsale.reserve import Reserver
 from tests.support import Api, running_app, test_settings
 
 NODES = 3
@@ -125,7 +126,8 @@ async def test_sales_across_nodes_reserve_persist_release(
 
 
 async def _spike(api: Api, sales: list[str]) -> None:
-    calls = [(s, f"u{i % 15}", f"k{i}") for s in sales for i in range(40)]
+    # a key per sale: one buyer's key on two sales is 422 (see the test below)
+    calls = [(s, f"u{i % 15}", f"{s}-k{i}") for s in sales for i in range(40)]
     results = await asyncio.gather(*(api.reserve(s, u, 1, key=k) for s, u, k in calls))
     accepted: dict[str, list[str]] = {s: [] for s in sales}
     for (sale_id, _u, _k), (status, body) in zip(calls, results, strict=True):
@@ -148,3 +150,41 @@ async def _spike(api: Api, sales: list[str]) -> None:
     assert status == 200 and body["status"] == "cancelled", body
     led = await api.ledger(sales[0])
     assert led["consistent"] and led["available"] == 1 and led["cancelled"] == 1
+
+
+async def test_idempotency_key_reused_across_sales_is_422(
+    cluster_url: str, database_url: str
+) -> None:
+    """The sale's idempotency record lives in the sale's slot, so alone it
+    cannot see the same buyer's key on another sale (old code: a second 202).
+    The buyer's claim of the key (its own slot, SET NX before the script)
+    makes the contract hold as on one Redis: 422, also when both race."""
+    settings = test_settings(cluster_url, database_url, redis_cluster=True)
+    async with running_app(settings) as api:
+        a, b, c, d = [(await api.create_sale(stock=5))["sale_id"] for _ in range(4)]
+        assert key_slot(api.backends.keys(a).sale.encode()) != key_slot(
+            api.backends.keys(b).sale.encode()
+        )
+        first = await api.reserve(a, "buyer", 1, key="k-1")
+        assert first[0] == 202, first
+        other_sale = await api.reserve(b, "buyer", 1, key="k-1")
+        assert other_sale[0] == 422 and other_sale[1]["error"]["code"] == "idempotency_key_reused"
+        other_body = await api.reserve(a, "buyer", 2, key="k-1")
+        assert other_body[0] == 422, other_body
+        assert await api.reserve(a, "buyer", 1, key="k-1") == first  # the replay still works
+        # the lookup of a lost reply reaches the sale's node on a fresh connection
+        now_ms = int(time.time() * 1000)
+        found = await Reserver(api.backends)._lookup(
+            a, [first[1]["order_id"], f"{a}-never"], now_ms, 2.0
+        )
+        assert found is not None and found[f"{a}-never"] == (-6, ""), found
+        assert found[first[1]["order_id"]][1].split("\t")[:2] == [first[1]["order_id"], "1"]
+        assert (await api.reserve(b, "someone-else", 1, key="k-1"))[0] == 202  # per buyer
+        raced = await asyncio.gather(
+            api.reserve(c, "racer", 1, key="k-2"), api.reserve(d, "racer", 1, key="k-2")
+        )
+        assert sorted(s for s, _ in raced) == [202, 422], raced
+        for sale_id in (a, b, c, d):
+            await api.drain(sale_id)
+        held = {s: (await api.ledger(s))["awaiting_payment"] for s in (a, b, c, d)}
+        assert held[a] == 1 and held[b] == 1 and held[c] + held[d] == 1, held
