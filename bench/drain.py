@@ -21,10 +21,10 @@ from typing import Any
 from bench import procs
 from bench.lab import Lab
 from bench.targets import Check
-from flashsale import ledger, sales
-from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core import ledger, sales
+from flashsale.core.backends import Backends, open_backends
+from flashsale.core.reserve import Accepted, Reserver
 
 CHUNK = 2_000
 POLL_S = 0.01

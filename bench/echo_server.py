@@ -23,7 +23,7 @@ from aiohttp import web
 
 from flashsale import errors, validate
 from flashsale.auth import Authenticator
-from flashsale.reserve import new_order_id
+from flashsale.core.reserve import new_order_id
 from flashsale.validate import iso_ms
 
 BODY_MAX = 16 * 1024

@@ -31,7 +31,7 @@ from aiohttp import web
 from bench.echo_server import AUTH, BODY_MAX, _error, parse_order, serve
 from flashsale import errors
 from flashsale.auth import Authenticator
-from flashsale.reserve import new_order_id
+from flashsale.core.reserve import new_order_id
 from flashsale.validate import iso
 
 SCHEMA = "naive"

@@ -42,7 +42,8 @@ from bench.drain import DrainResult, measure_drain
 from bench.lab import Lab, Options
 from bench.measure import SystemResult, measure
 from bench.targets import EchoTarget, FlashsaleTarget, NaivePgTarget
-from flashsale import auth, migrate
+from flashsale import auth
+from flashsale.core import migrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain")
@@ -127,7 +128,7 @@ def servers(
     if redis_url and database_url:
         yield redis_url, database_url, {}
         return
-    from flashsale.embedded import EmbeddedServers
+    from flashsale.run.embedded.servers import EmbeddedServers
 
     data = workdir / "servers"
     data.mkdir(parents=True)

@@ -64,10 +64,10 @@ from bench.run import (
     wrk_version,
 )
 from bench.targets import FlashsaleTarget
-from flashsale import events, ledger, sales
-from flashsale.backends import Backends, open_backends
-from flashsale.embedded import free_port
-from flashsale.keys import SaleKeys
+from flashsale.core import events, ledger, sales
+from flashsale.core.backends import Backends, open_backends
+from flashsale.core.keys import SaleKeys
+from flashsale.run.embedded.servers import free_port
 
 MB = 2**20
 STOCK = sales.STOCK_MAX  # 10^9: never sells out in minutes

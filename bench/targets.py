@@ -15,8 +15,8 @@ from typing import Any
 
 from bench import naive_pg_server, procs
 from bench.lab import Lab
-from flashsale.embedded import free_port
-from flashsale.keys import SaleKeys
+from flashsale.core.keys import SaleKeys
+from flashsale.run.embedded.servers import free_port
 
 DRAIN_TIMEOUT_S = 300.0
 _ALPHABET = string.ascii_lowercase + string.digits

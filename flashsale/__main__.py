@@ -1,3 +1,3 @@
-from flashsale.cli import main
+from flashsale.run.cli import main
 
 raise SystemExit(main())

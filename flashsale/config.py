@@ -97,7 +97,7 @@ class Settings:
     redis_cluster: bool = False
     redis_appendfsync: str = "everysec"
     log_level: str = "INFO"
-    # embedded servers (flashsale/embedded.py), for whichever URL is unset
+    # embedded servers (flashsale/run/embedded/servers.py), for whichever URL is unset
     embedded_user: str | None = None  # runs them under root; else the cluster's owner, nobody
     embedded_redis_server: Path | None = None  # a redis-server binary to prefer
     embedded_pg_bin_dir: Path | None = None  # a directory with initdb and postgres to prefer
@@ -159,7 +159,7 @@ class Settings:
     breaker_open_s: float = 5.0
     events_maxlen: int = 100_000
     # operator's view: logs, the dashboard's live figures, worker metrics endpoints
-    log_format: str = "text"  # text | json (flashsale/logs.py)
+    log_format: str = "text"  # text | json (flashsale/ops/logs.py)
     access_log: bool = True  # one log line per request (flashsale.access, level INFO)
     consume_metrics_port: int | None = None  # None: no /metrics listener; 0: an ephemeral port
     compensate_metrics_port: int | None = None

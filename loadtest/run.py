@@ -34,7 +34,7 @@ from typing import Any
 
 import requests
 
-from flashsale.embedded import free_port
+from flashsale.run.embedded.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure the binaries behind flashsale's embedded servers exist:
-# a redis-server and PostgreSQL's initdb + postgres (see flashsale/embedded.py).
+# a redis-server and PostgreSQL's initdb + postgres (see flashsale/run/embedded/servers.py).
 #
 #  * Skips a server whose URL (FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL) is set.
 #  * Found already (PATH, /usr/lib/postgresql/*/bin, or the pip wheels in the venv)?

@@ -14,13 +14,13 @@ import asyncpg
 import orjson
 from aiohttp import ClientSession, web
 
-from flashsale import events
-from flashsale.backends import Backends
+from flashsale.commerce.integrations import Integrations
+from flashsale.commerce.logistics import MockCarrier
+from flashsale.commerce.saga import SagaRunner
+from flashsale.commerce.signature import SIGNATURE_HEADER, signature
 from flashsale.config import Settings
-from flashsale.integrations import Integrations
-from flashsale.logistics import MockCarrier
-from flashsale.payment import SIGNATURE_HEADER, signature
-from flashsale.saga import SagaRunner
+from flashsale.core import events
+from flashsale.core.backends import Backends
 from flashsale.web import front
 from flashsale.web.app import create_app
 from flashsale.web.keys import BACKENDS, INTEGRATIONS

@@ -27,7 +27,7 @@ def server_urls() -> Iterator[tuple[str, str]]:
     if redis_url and database_url:
         yield redis_url, database_url
         return
-    from flashsale.embedded import EmbeddedServers
+    from flashsale.run.embedded.servers import EmbeddedServers
 
     data_dir = Path(tempfile.mkdtemp(prefix="flashsale-test-"))
     data_dir.chmod(0o755)

@@ -15,12 +15,13 @@ import asyncpg
 import orjson
 from aiohttp import ClientResponse, ClientSession
 
-from flashsale import auth, migrate
-from flashsale.backends import Backends
-from flashsale.compensate import Compensator
+from flashsale import auth
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.core import migrate
+from flashsale.core.backends import Backends
+from flashsale.core.compensate import Compensator
+from flashsale.core.persist import Persister
+from flashsale.ops.metrics import Metrics
 from flashsale.web import front
 from flashsale.web.app import Workers, create_app
 from flashsale.web.keys import BACKENDS

@@ -4,7 +4,7 @@
 it): ``GET /admin`` (the page, flashsale/web/static/admin.html + admin.js,
 plain HTML and JS), ``POST /api/v1/sales/{sale_id}/end`` (contract v1.1),
 ``GET /api/v1/admin/events`` (flashsale/web/events_stream.py), and the
-per-second stats flush of this front (flashsale/stats.py).
+per-second stats flush of this front (flashsale/ops/stats.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from flashsale import sales
-from flashsale.stats import StatsFlusher
+from flashsale.core import sales
+from flashsale.ops.stats import StatsFlusher
 from flashsale.web import events_stream
 from flashsale.web.keys import AUTH, BACKENDS, METRICS
 from flashsale.web.middleware import json_response

@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
-from flashsale import heartbeat, ledger
-from flashsale.admission import Admission
 from flashsale.auth import Authenticator
-from flashsale.backends import open_backends
-from flashsale.compensate import Compensator
 from flashsale.config import Settings
-from flashsale.events import Notifier
-from flashsale.metrics import Metrics
-from flashsale.persist import run_consumers
-from flashsale.reserve import Reserver
-from flashsale.saga import SagaRunner
+from flashsale.core.backends import open_backends
+from flashsale.core.reserve import Reserver
+from flashsale.ops import heartbeat
+from flashsale.ops.metrics import Metrics
+from flashsale.run import roles
 from flashsale.web import admin, ops, payments, request_id, routes
+from flashsale.web.admission import Admission
 from flashsale.web.keys import (
     ADMISSION,
     AUTH,
@@ -40,7 +35,6 @@ from flashsale.web.request_id import request_id_middleware
 log = logging.getLogger("flashsale.app")
 
 STOP_TIMEOUT_S = 5.0
-REBUILD_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,37 +61,17 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[REBUILDS].close()
 
 
-async def _periodic_rebuild(app: web.Application, stop: asyncio.Event) -> None:
-    """Detect sales whose Redis state is gone, or lost writes PostgreSQL has
-    (stream behind the persisted watermark), and rebuild them, at start and on
-    a schedule."""
-    while not stop.is_set():
-        try:
-            rebuilt = await ledger.rebuild_missing(app[BACKENDS])
-            if rebuilt:
-                log.warning("rebuilt %d sale(s) missing in Redis or behind PostgreSQL",
-                            len(rebuilt))
-        except Exception as exc:
-            log.warning("rebuild sweep failed: %r", exc)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), REBUILD_INTERVAL_S)
-
-
 def _workers_ctx(
     workers: Workers,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        loops: list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]] = []
         b, m = app[BACKENDS], app[METRICS]
-        if workers.consumer:
-            loops.append(lambda ev: run_consumers(b, m, ev))
-        if workers.compensator:
-            loops.append(Compensator(b, m).run)
-            loops.append(lambda ev: _periodic_rebuild(app, ev))
-        if workers.saga or workers.compensator:
-            loops.append(SagaRunner(b, app[INTEGRATIONS]).run)
-            loops.append(Notifier(b).run)
+        loops = roles.loops(
+            b, m, consumer=workers.consumer, compensator=workers.compensator,
+            saga=workers.saga, integrations=app[INTEGRATIONS] if (
+                workers.saga or workers.compensator) else None,
+        )
         tasks: list[asyncio.Task[None]] = [asyncio.ensure_future(loop(stop)) for loop in loops]
         tasks += heartbeat.start(b, workers.consumer, workers.compensator, tasks, stop)
         yield

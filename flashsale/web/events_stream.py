@@ -4,8 +4,8 @@ Admin bearer auth (a header: the dashboard reads the stream with fetch(), as
 EventSource cannot send one). Every ``admin_events_interval_ms`` (at most a
 second) an ``event: figures`` whose data is one JSON object: every live
 sale's figures and stream state, the workers' liveness, and the last minutes
-of reservations per second by outcome and p50/p99 latency (flashsale/live.py,
-flashsale/stats.py). One snapshot per interval is shared by all the streams
+of reservations per second by outcome and p50/p99 latency (flashsale/ops/live.py,
+flashsale/ops/stats.py). One snapshot per interval is shared by all the streams
 of a process; at most ``admin_streams_max`` streams at once (503 overloaded
 past that), each at most STREAM_MAX_S long (the page reconnects), all ended
 when the process shuts down.
@@ -21,9 +21,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from flashsale import errors, live
-from flashsale.backends import Backends
-from flashsale.stats import SeriesReader
+from flashsale import errors
+from flashsale.core.backends import Backends
+from flashsale.ops import live
+from flashsale.ops.stats import SeriesReader
 from flashsale.web.keys import AUTH, BACKENDS, SETTINGS
 
 log = logging.getLogger("flashsale.web.events")

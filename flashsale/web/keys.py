@@ -1,23 +1,31 @@
-"""Typed application keys: every resource the handlers use hangs off the app."""
+"""Typed application keys: every resource the handlers use hangs off the app.
+
+The types are named for the type checker only (``AppKey["T"]``): this module
+imports nothing of flashsale at run time, so every web module can use it
+without pulling in the whole pipeline.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 
-from flashsale.admission import Admission
-from flashsale.auth import Authenticator
-from flashsale.backends import Backends
-from flashsale.config import Settings
-from flashsale.integrations import Integrations
-from flashsale.metrics import Metrics
-from flashsale.reserve import Reserver
-from flashsale.web.rebuilds import Rebuilds
+if TYPE_CHECKING:
+    from flashsale.auth import Authenticator
+    from flashsale.commerce.integrations import Integrations
+    from flashsale.config import Settings
+    from flashsale.core.backends import Backends
+    from flashsale.core.reserve import Reserver
+    from flashsale.ops.metrics import Metrics
+    from flashsale.web.admission import Admission
+    from flashsale.web.rebuilds import Rebuilds
 
-SETTINGS = web.AppKey("settings", Settings)
-METRICS = web.AppKey("metrics", Metrics)
-AUTH = web.AppKey("auth", Authenticator)
-ADMISSION = web.AppKey("admission", Admission)
-BACKENDS = web.AppKey("backends", Backends)
-RESERVER = web.AppKey("reserver", Reserver)
-REBUILDS = web.AppKey("rebuilds", Rebuilds)
-INTEGRATIONS = web.AppKey("integrations", Integrations)
+SETTINGS = web.AppKey["Settings"]("settings")
+METRICS = web.AppKey["Metrics"]("metrics")
+AUTH = web.AppKey["Authenticator"]("auth")
+ADMISSION = web.AppKey["Admission"]("admission")
+BACKENDS = web.AppKey["Backends"]("backends")
+RESERVER = web.AppKey["Reserver"]("reserver")
+REBUILDS = web.AppKey["Rebuilds"]("rebuilds")
+INTEGRATIONS = web.AppKey["Integrations"]("integrations")

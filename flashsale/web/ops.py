@@ -7,10 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale import migrate, observe, payment
-from flashsale.openapi import build_openapi
+from flashsale.commerce import payment
+from flashsale.core import migrate
+from flashsale.ops import observe
 from flashsale.web.keys import BACKENDS, METRICS
 from flashsale.web.middleware import json_response
+from flashsale.web.openapi import build_openapi
 
 CHECK_TIMEOUT_S = 1.0
 LAG_SALES_MAX = 1000
@@ -75,7 +77,7 @@ async def metrics(request: web.Request) -> web.Response:
     except Exception:  # as above
         m.payment_inbox_events.set(float("nan"))
         m.payment_inbox_oldest_age.set(float("nan"))
-    await observe.refresh(b, m)  # live sales, backends, workers (flashsale/observe.py)
+    await observe.refresh(b, m)  # live sales, backends, workers (flashsale/ops/observe.py)
     return web.Response(
         body=m.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

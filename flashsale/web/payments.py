@@ -9,10 +9,11 @@ import time
 
 from aiohttp import web
 
-from flashsale import errors, payment, validate
-from flashsale.breaker import CircuitOpen
-from flashsale.gateway import OUTCOMES, GatewayError
-from flashsale.integrations import Integrations
+from flashsale import errors, validate
+from flashsale.commerce import payment, signature
+from flashsale.commerce.breaker import CircuitOpen
+from flashsale.commerce.gateway import OUTCOMES, GatewayError
+from flashsale.commerce.integrations import Integrations
 from flashsale.web import front
 from flashsale.web.keys import BACKENDS, INTEGRATIONS, SETTINGS
 from flashsale.web.middleware import json_response
@@ -49,8 +50,8 @@ def _gateway_unavailable(retry_after_s: float) -> errors.Unavailable:
 async def payment_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     raw = await read_body(request)
-    payment.verify(
-        settings.webhook_secret, request.headers.get(payment.SIGNATURE_HEADER), raw,
+    signature.verify(
+        settings.webhook_secret, request.headers.get(signature.SIGNATURE_HEADER), raw,
         time.time(), settings.webhook_tolerance_s,
     )
     event = payment.Event.parse(raw)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from flashsale import ledger
-from flashsale.backends import Backends, unguarded
+from flashsale.core import ledger
+from flashsale.core.backends import Backends, unguarded
 
 log = logging.getLogger("flashsale.rebuilds")
 

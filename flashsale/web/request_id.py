@@ -20,7 +20,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from flashsale import logs
+from flashsale.ops import logs
 from flashsale.web.keys import SETTINGS
 
 HEADER = "X-Request-Id"

@@ -10,9 +10,11 @@ import orjson
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from flashsale import errors, ledger, orders, sales, validate
-from flashsale.reserve import Refused
-from flashsale.scripts import RESERVE_ERRORS
+from flashsale import errors, validate
+from flashsale.commerce import orders
+from flashsale.core import ledger, sales
+from flashsale.core.reserve import Refused
+from flashsale.core.scripts import RESERVE_ERRORS
 from flashsale.web import front
 from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
 from flashsale.web.middleware import json_response

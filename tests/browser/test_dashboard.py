@@ -28,7 +28,7 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
 from flashsale.config import Settings
-from flashsale.live import FIGURES
+from flashsale.ops.live import FIGURES
 from flashsale.web.app import Workers
 from tests.support import Api, fresh_database, running_app, test_settings
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
+from flashsale.core.backends import Backends, open_backends
 from tests.chaos.harness import Services, utc_now, write_figures
 from tests.support import fresh_database, test_settings
 

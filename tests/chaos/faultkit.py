@@ -27,10 +27,10 @@ from typing import Any, Self
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
 from flashsale import auth
-from flashsale.backends import Backends
-from flashsale.ledger import ledger
-from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.core.backends import Backends
+from flashsale.core.ledger import ledger
+from flashsale.core.persist import Persister
+from flashsale.ops.metrics import Metrics
 from tests.chaos.harness import RedisServer, paced, wait_drained
 from tests.chaos.history import History
 from tests.support import JWT_SECRET

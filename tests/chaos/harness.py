@@ -32,10 +32,10 @@ from typing import Any
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
 
 from flashsale import auth
-from flashsale.backends import Backends
 from flashsale.config import Settings
-from flashsale.ledger import ledger
-from flashsale.persist import consumer_names
+from flashsale.core.backends import Backends
+from flashsale.core.ledger import ledger
+from flashsale.core.persist import consumer_names
 from tests.support import ADMIN_TOKEN, JWT_SECRET, WEBHOOK_SECRET
 
 REPO = Path(__file__).resolve().parents[2]
@@ -209,7 +209,7 @@ class RedisServer:
     persistence, so a restart comes back empty, as after losing its data."""
 
     def __init__(self, data_dir: Path) -> None:
-        from flashsale.embedded import find_redis_server, free_port
+        from flashsale.run.embedded.servers import find_redis_server, free_port
 
         self.binary = find_redis_server()
         self.dir = data_dir

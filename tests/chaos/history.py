@@ -19,7 +19,7 @@ queues drained, read the final state and classify each accepted order::
   contract reserved nothing;
 * ``unknown``: no answer (timeout, connection reset, the front killed), any
   other 5xx, or a 503 that says the outcome is unknown (a Redis timeout while
-  the script may have run; see flashsale/reserve.py). An operation never
+  the script may have run; see flashsale/core/reserve.py). An operation never
   completed counts as unknown too.
 
 **Final read**, per sale the history touched: PostgreSQL ``orders``,
@@ -66,15 +66,15 @@ from typing import Any, NewType, Protocol
 
 import aiohttp
 
-from flashsale.backends import Backends, as_text
-from flashsale.compensate import Compensator
-from flashsale.metrics import Metrics
+from flashsale.core.backends import Backends, as_text
+from flashsale.core.compensate import Compensator
+from flashsale.ops.metrics import Metrics
 
 OpId = NewType("OpId", int)
 
 HOLDING = frozenset({"awaiting_payment", "paid", "shipped"})
 RELEASED = frozenset({"cancelled", "expired", "failed"})
-UNKNOWN_OUTCOME_MARK = "outcome is unknown"  # flashsale/reserve.py, Redis timeout
+UNKNOWN_OUTCOME_MARK = "outcome is unknown"  # flashsale/core/reserve.py, Redis timeout
 
 
 class Outcome(StrEnum):
@@ -433,7 +433,7 @@ async def read_state(api: Reader, sale_id: str) -> SaleState:
 async def settle(b: Backends, sale_id: str, timeout_s: float = 60.0) -> None:
     """Wait until the sale's stream is drained (a consumer of our own helps) and every
     release and restock is finished in Redis (the compensator's outbox sweeps)."""
-    from flashsale.persist import Persister
+    from flashsale.core.persist import Persister
 
     persister = Persister(b, Metrics(), name=f"history-check-{sale_id}")
     compensator = Compensator(b, Metrics(), name="history-check")

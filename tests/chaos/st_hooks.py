@@ -48,8 +48,8 @@ from typing import Any
 import requests
 import schemathesis
 
-from flashsale.openapi import SIGNATURE_PATTERN
-from flashsale.payment import SIGNATURE_HEADER, signature
+from flashsale.commerce.signature import SIGNATURE_HEADER, signature
+from flashsale.web.openapi import SIGNATURE_PATTERN
 from tests.support import WEBHOOK_SECRET
 
 _SIGNATURE_RE = re.compile(SIGNATURE_PATTERN)

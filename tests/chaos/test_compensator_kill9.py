@@ -26,8 +26,8 @@ import pytest
 from aiohttp import ClientSession
 
 from flashsale import auth
-from flashsale.backends import Backends
 from flashsale.config import Settings
+from flashsale.core.backends import Backends
 from flashsale.web.app import Workers
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import LoadGenerator, Services, audit, flashsale_env

@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from flashsale.backends import Backends
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Entry, Persister, persist_batch
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core.backends import Backends
+from flashsale.core.persist import Entry, Persister, persist_batch
+from flashsale.core.reserve import Accepted, Reserver
+from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import (
     HOLDING,

@@ -17,8 +17,8 @@ from datetime import datetime
 
 import pytest
 
-from flashsale.backends import Backends
 from flashsale.config import Settings
+from flashsale.core.backends import Backends
 from flashsale.web.app import Workers
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import LoadGenerator, Request, audit, burst, wait_drained

@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from flashsale.backends import Backends
 from flashsale.config import Settings
+from flashsale.core.backends import Backends
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import (
     Buy,
@@ -83,15 +83,17 @@ async def _faults(proxy: TcpProxy, stop: asyncio.Event, counts: dict[str, int]) 
 
 
 def _logged(caplog: pytest.LogCaptureFixture, field: str) -> int:
-    """Sum of a count flashsale/reserve.py logs on each lost reply it resolves."""
-    return sum(int(getattr(r, field, 0)) for r in caplog.records if r.name == "flashsale.reserve")
+    """Sum of a count flashsale/core/reserve.py logs on each lost reply it resolves."""
+    return sum(
+        int(getattr(r, field, 0)) for r in caplog.records if r.name == "flashsale.core.reserve"
+    )
 
 
 async def test_lost_reply_retry_same_key_one_reservation(
     chaos_settings: Settings, direct: Backends, figures: Figures,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="flashsale.reserve")
+    caplog.set_level(logging.WARNING, logger="flashsale.core.reserve")
     assert chaos_settings.redis_url
     r = urlsplit(chaos_settings.redis_url)
     assert r.hostname and r.port

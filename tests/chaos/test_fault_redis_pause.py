@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
-from flashsale.backends import open_backends
 from flashsale.config import Settings
+from flashsale.core.backends import open_backends
 from flashsale.web.app import Workers
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import Buy, Buyers, ms, orders_per_key, percentile

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
+from flashsale.core.backends import Backends, open_backends
 from flashsale.web.app import Workers
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import (

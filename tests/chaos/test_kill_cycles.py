@@ -36,9 +36,9 @@ from typing import Any
 import pytest
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
-from flashsale.backends import Backends
 from flashsale.config import Settings
-from flashsale.embedded import free_port
+from flashsale.core.backends import Backends
+from flashsale.run.embedded.servers import free_port
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import Buy, Buyers, KeyHistory, ms, percentile, wait_http
 from tests.chaos.harness import (

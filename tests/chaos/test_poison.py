@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
-from flashsale.backends import Backends
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Persister
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core.backends import Backends
+from flashsale.core.persist import Persister
+from flashsale.core.reserve import Accepted, Reserver
+from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import audit
 from tests.support import Api, eventually, running_app

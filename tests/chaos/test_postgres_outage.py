@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from flashsale.backends import Backends
 from flashsale.config import Settings
+from flashsale.core.backends import Backends
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import (
     HOLDING,

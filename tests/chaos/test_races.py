@@ -19,12 +19,12 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from flashsale import compensate
-from flashsale.backends import Backends, open_backends
-from flashsale.compensate import Compensator
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.core import compensate
+from flashsale.core.backends import Backends, open_backends
+from flashsale.core.compensate import Compensator
+from flashsale.core.persist import Persister
+from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import Audit, Request, audit, burst
 from tests.support import Api, running_app

@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.core.backends import Backends, open_backends
+from flashsale.core.persist import Persister
+from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import (
     HOLDING,

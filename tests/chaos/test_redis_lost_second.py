@@ -34,11 +34,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from flashsale import ledger
-from flashsale.backends import Backends, open_backends
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Persister
+from flashsale.core import ledger
+from flashsale.core.backends import Backends, open_backends
+from flashsale.core.persist import Persister
+from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import DurableRedis
 from tests.chaos.harness import Request, audit, burst, wait_drained

@@ -2,7 +2,7 @@
 
 The front runs as a child (``python -m flashsale serve``) with the real
 per-buyer rate limit (10/s, burst 20, 429s held ~1 s: the tarpit of
-flashsale/admission.py), a consumer beside it, on a dedicated redis-server.
+flashsale/web/admission.py), a consumer beside it, on a dedicated redis-server.
 The scalper is a separate process: one buyer, 200 concurrent connections,
 each sending reservation after reservation with a fresh Idempotency-Key
 (hammering, never honouring Retry-After); it is a lean raw-socket client,
@@ -40,9 +40,9 @@ import pytest
 from aiohttp import ClientSession
 
 from flashsale import auth
-from flashsale.backends import open_backends
 from flashsale.config import Settings
-from flashsale.embedded import free_port
+from flashsale.core.backends import open_backends
+from flashsale.run.embedded.servers import free_port
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import Buy, Buyers, DurableRedis, ms, percentile, wait_http
 from tests.chaos.harness import REPO, Services, audit, flashsale_env, wait_drained

@@ -92,12 +92,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from flashsale import orders as flashsale_orders
-from flashsale.backends import as_text
-from flashsale.compensate import Compensator
+from flashsale.commerce import orders as flashsale_orders
 from flashsale.config import Settings
-from flashsale.metrics import Metrics
-from flashsale.persist import Entry, Persister, persist_batch
+from flashsale.core.backends import as_text
+from flashsale.core.compensate import Compensator
+from flashsale.core.persist import Entry, Persister, persist_batch
+from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.history import (
     Fate,

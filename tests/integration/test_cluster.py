@@ -18,8 +18,8 @@ import pytest
 from redis import Redis
 from redis.crc import key_slot
 
-from flashsale.embedded import find_redis_server
-from flashsale.reserve import Reserver
+from flashsale.core.reserve import Reserver
+from flashsale.run.embedded.servers import find_redis_server
 from tests.support import Api, running_app, test_settings
 
 NODES = 3

@@ -8,10 +8,10 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from flashsale import events, ledger
-from flashsale.metrics import Metrics
-from flashsale.persist import run_consumers
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core import events, ledger
+from flashsale.core.persist import run_consumers
+from flashsale.core.reserve import Accepted, Reserver
+from flashsale.ops.metrics import Metrics
 from tests.support import eventually, running_app, test_settings
 
 STOCK = 1_500

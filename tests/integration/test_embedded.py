@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import redis
 
-from flashsale.embedded import EmbeddedServers
+from flashsale.run.embedded.servers import EmbeddedServers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ _CHILD_SCRIPT = textwrap.dedent(
 
     import asyncpg, redis
 
-    from flashsale.embedded import EmbeddedServers
+    from flashsale.run.embedded.servers import EmbeddedServers
 
     servers = EmbeddedServers(Path(sys.argv[1]), appendfsync="always")
     servers.start()

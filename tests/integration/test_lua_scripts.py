@@ -7,9 +7,9 @@ from typing import Any
 
 from redis.commands.core import AsyncScript
 
-from flashsale.backends import Backends
-from flashsale.keys import SaleKeys
-from flashsale.reserve import fingerprint
+from flashsale.core.backends import Backends
+from flashsale.core.keys import SaleKeys
+from flashsale.core.reserve import fingerprint
 from tests.support import Api
 
 GROUP = "persist"
@@ -217,7 +217,7 @@ async def test_rebuild_over_a_sale_whose_stream_is_behind_the_watermark(api: Api
 async def test_publish_events_in_order_and_all_or_nothing(api: Api) -> None:
     from redis.exceptions import ResponseError
 
-    from flashsale import events
+    from flashsale.core import events
 
     b = api.backends
     key = events.stream_key(b.settings.key_prefix)
@@ -473,7 +473,7 @@ async def test_ack_persisted_checks_before_it_writes(api: Api) -> None:
 
 
 async def test_publish_events_checks_before_it_writes(api: Api) -> None:
-    from flashsale import events
+    from flashsale.core import events
 
     b, k = api.backends, keys_of(api)
     key = events.stream_key(b.settings.key_prefix)

@@ -7,10 +7,10 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from flashsale import events, ledger
-from flashsale.compensate import Compensator, release_many_in_redis
-from flashsale.metrics import Metrics
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core import events, ledger
+from flashsale.core.compensate import Compensator, release_many_in_redis
+from flashsale.core.reserve import Accepted, Reserver
+from flashsale.ops.metrics import Metrics
 from tests.support import eventually, running_app, test_settings
 
 PER_SALE = 450

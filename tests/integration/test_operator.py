@@ -15,8 +15,8 @@ import orjson
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
-from flashsale import logs
 from flashsale.config import Settings
+from flashsale.ops import logs
 from flashsale.web.request_id import HEADER
 from tests.support import Api, running_app
 

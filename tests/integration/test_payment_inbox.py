@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from flashsale.backends import as_text
-from flashsale.compensate import Compensator
-from flashsale.metrics import Metrics
+from flashsale.core.backends import as_text
+from flashsale.core.compensate import Compensator
+from flashsale.ops.metrics import Metrics
 from tests.commerce import Shop, running_shop, shop_settings
 from tests.support import eventually
 

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from flashsale.events import Notifier
+from flashsale.core.events import Notifier
 from tests.commerce import Shop, running_shop, shop_settings
 
 

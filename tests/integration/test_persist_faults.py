@@ -34,10 +34,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from flashsale.backends import Backends, open_backends
-from flashsale.metrics import Metrics
-from flashsale.persist import Entry, Persister, persist_batch
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core.backends import Backends, open_backends
+from flashsale.core.persist import Entry, Persister, persist_batch
+from flashsale.core.reserve import Accepted, Reserver
+from flashsale.ops.metrics import Metrics
 from tests.chaos.harness import audit
 from tests.support import Api, eventually, fresh_database, running_app, test_settings
 
@@ -331,7 +331,7 @@ async def test_lost_consumer_group_is_recreated_and_blocks_no_other_sale(
             later.add(body["order_id"])
     groups: Any = await b.redis.xinfo_groups(b.keys(lost).stream)
     assert groups == []
-    with caplog.at_level(logging.WARNING, logger="flashsale.persist"):
+    with caplog.at_level(logging.WARNING, logger="flashsale.core.persist"):
         await eventually(lambda: persisted(later), timeout_s=10)
     for sid in (lost, other, gone):
         a = await audit(b, sid)

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from flashsale.config import Settings
-from flashsale.scripts import SCRIPT_FILES
+from flashsale.core.scripts import SCRIPT_FILES
 from tests import support
 from tests.support import Api, eventually, fresh_database, running_app
 
@@ -33,7 +33,7 @@ READY_WITHIN_S = 5.0
 def _redis_binary() -> str:
     found = shutil.which("redis-server") or "/usr/bin/redis-server"
     if not os.access(found, os.X_OK):
-        from flashsale.embedded import find_redis_server
+        from flashsale.run.embedded.servers import find_redis_server
 
         return str(find_redis_server())
     return found

@@ -16,7 +16,7 @@ import asyncio
 
 import asyncpg
 
-from flashsale import ledger, sales
+from flashsale.core import ledger, sales
 from tests.support import Api, eventually
 
 RESTOCK = 5

@@ -22,9 +22,9 @@ from urllib.parse import urlsplit
 import jwt
 
 from flashsale import errors
-from flashsale.backends import Backends
 from flashsale.config import Settings
-from flashsale.reserve import Accepted, Reserver
+from flashsale.core.backends import Backends
+from flashsale.core.reserve import Accepted, Reserver
 from tests.faults import TcpProxy
 from tests.support import JWT_SECRET, Api, eventually, running_app
 

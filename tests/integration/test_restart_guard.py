@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from flashsale import ledger
-from flashsale.backends import RedisUnverified, RestartGuard, redis_client
 from flashsale.config import Settings
+from flashsale.core import ledger
+from flashsale.core.backends import RedisUnverified, RestartGuard, redis_client
 from tests.support import Api, eventually
 
 

@@ -12,9 +12,10 @@ from dataclasses import replace
 import pytest
 from redis.asyncio import Redis
 
-from flashsale import events, logistics
-from flashsale.logistics import MockCarrier
-from flashsale.saga import _CLAIM_SHIPMENTS, SagaRunner
+from flashsale.commerce import logistics
+from flashsale.commerce.logistics import MockCarrier
+from flashsale.commerce.saga import _CLAIM_SHIPMENTS, SagaRunner
+from flashsale.core import events
 from tests.commerce import Shop, running_shop, shop_settings
 
 STEP_TIMEOUT_S = 10.0

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from flashsale.commerce.signature import SIGNATURE_HEADER, signature
 from flashsale.config import Settings
-from flashsale.payment import SIGNATURE_HEADER, signature
 from tests.commerce import WEBHOOK, running_shop, shop_settings
 from tests.support import ADMIN_TOKEN, JWT_SECRET, WEBHOOK_SECRET, Api, running_app
 

@@ -30,7 +30,7 @@ import pytest
 import redis
 from aiohttp import ClientSession, ClientTimeout
 
-from flashsale.embedded import EmbeddedServers
+from flashsale.run.embedded.servers import EmbeddedServers
 from tests.integration.test_cli import (
     EMBEDDED_READY_WITHIN_S,
     Up,
@@ -287,7 +287,7 @@ def own_dir() -> Iterator[Path]:
 
 
 def test_a_port_taken_while_redis_was_down_is_a_one_line_failure(own_dir: Path) -> None:
-    from flashsale.embedded import RestartPolicy
+    from flashsale.run.embedded.servers import RestartPolicy
 
     reasons: list[str] = []
     called = threading.Event()

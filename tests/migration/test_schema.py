@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from flashsale import migrate
+from flashsale.core import migrate
 from tests.support import fresh_database as support_fresh_database
 
 TZ = "timestamp with time zone"

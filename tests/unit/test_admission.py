@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from flashsale.admission import Admission, BuyerRateLimited
 from flashsale.errors import RateLimited
+from flashsale.web.admission import Admission, BuyerRateLimited
 
 
 def test_a_buyer_past_the_burst_is_limited_with_retry_after_and_a_delay() -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from flashsale.breaker import CircuitBreaker, CircuitOpen, State
+from flashsale.commerce.breaker import CircuitBreaker, CircuitOpen, State
 
 
 class Clock:

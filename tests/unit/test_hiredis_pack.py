@@ -6,7 +6,7 @@ import pytest
 from redis.asyncio.connection import Connection
 from redis.typing import EncodableT
 
-from flashsale.backends import HiredisPackConnection
+from flashsale.core.backends import HiredisPackConnection
 
 COMMANDS: list[tuple[EncodableT, ...]] = [
     ("PING",),

@@ -13,7 +13,7 @@ from openapi_schema_validator import OAS31Validator, oas31_format_checker
 from openapi_schema_validator import validate as validate_instance
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
-from flashsale.openapi import build_openapi
+from flashsale.web.openapi import build_openapi
 
 JSONObject = dict[str, Any]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flashsale import runtime
 from flashsale.config import Settings
+from flashsale.run import runtime
 
 
 @pytest.fixture

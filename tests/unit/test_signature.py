@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from flashsale import errors
-from flashsale.payment import Event, signature, verify
+from flashsale.commerce.payment import Event
+from flashsale.commerce.signature import signature, verify
 
 SECRET = "whsec-0123456789abcdef"
 BODY = (b'{"event_id":"evt_1","type":"payment.succeeded","payment_id":"pay_1",'

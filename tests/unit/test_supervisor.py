@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from flashsale.config import ConfigError, Settings
-from flashsale.supervisor import RestartBudget, RestartPolicy
+from flashsale.run.embedded.supervisor import RestartBudget, RestartPolicy
 
 
 class Clock:

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashsale import openapi, validate
+from flashsale import validate
 from flashsale.errors import InvalidRequest, SaleNotFound
+from flashsale.web import openapi
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 

@@ -1,0 +1,1 @@
+"""The commerce flow around a reservation: orders, payment, saga, gateway, logistics."""

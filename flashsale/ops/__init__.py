@@ -1,0 +1,1 @@
+"""Operating the service: metrics, logs, live figures, heartbeats, status."""

@@ -1,0 +1,115 @@
+"""Prometheus metrics, one registry per process component (no module globals)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.reservations = Counter(
+            "flashsale_reservations", "Reservation requests by outcome", ["outcome"], registry=r
+        )
+        self.reserve_latency = Histogram(
+            "flashsale_reserve_latency_seconds", "Reservation handler latency",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.http_requests = Counter(
+            "flashsale_http_requests", "HTTP responses by status class", ["status"], registry=r
+        )
+        self.stream_lag = Gauge(
+            "flashsale_stream_lag_entries", "Accepted orders not yet persisted (all sales)",
+            registry=r,
+        )
+        self.orders_persisted = Counter(
+            "flashsale_orders_persisted", "Orders persisted by the consumer", registry=r
+        )
+        self.orders_failed = Counter(
+            "flashsale_orders_failed", "Orders whose final deduction was refused", registry=r
+        )
+        self.consumer_reclaimed = Counter(
+            "flashsale_consumer_reclaimed", "Stream entries reclaimed with XAUTOCLAIM", registry=r
+        )
+        self.consumer_errors = Counter(
+            "flashsale_consumer_errors", "Consumer rounds that failed and were retried", registry=r
+        )
+        self.dead_lettered = Counter(
+            "flashsale_dead_lettered", "Stream entries moved to the dead-letter stream", registry=r
+        )
+        self.consumer_group_recreated = Counter(
+            "flashsale_consumer_group_recreated",
+            "Consumer groups recreated at id 0 on a stream that had lost its group", registry=r,
+        )
+        self.releases = Counter(
+            "flashsale_releases", "Holds released by reason", ["reason"], registry=r
+        )
+        self.payment_inbox_events = Gauge(
+            "flashsale_payment_inbox_events",
+            "Gateway events kept for orders not persisted yet, not applied yet", registry=r,
+        )
+        self.payment_inbox_oldest_age = Gauge(
+            "flashsale_payment_inbox_oldest_age_seconds",
+            "Age of the oldest gateway event waiting in the payment inbox (0: none)", registry=r,
+        )
+        # set at scrape time by flashsale/ops/observe.py (front) and flashsale/ops/worker_http.py
+        self.sale_units = Gauge(
+            "flashsale_sale_units", "A live sale's ledger figure (units of stock)",
+            ["sale_id", "figure"], registry=r,
+        )
+        self.sale_consistent = Gauge(
+            "flashsale_sale_ledger_consistent", "1 when a live sale's ledger is consistent",
+            ["sale_id"], registry=r,
+        )
+        self.sale_stream = Gauge(
+            "flashsale_sale_stream_entries",
+            "A live sale's stream: lag (not persisted), pending (delivered, unacked), dead_letter",
+            ["sale_id", "kind"], registry=r,
+        )
+        self.stream_pending = Gauge(
+            "flashsale_stream_pending_entries",
+            "Stream entries delivered to a consumer and not yet acked (live sales)", registry=r,
+        )
+        self.dead_letters = Gauge(
+            "flashsale_dead_letter_entries", "Entries in the dead-letter streams (live sales)",
+            registry=r,
+        )
+        self.ledger_inconsistent = Gauge(
+            "flashsale_ledger_inconsistent_sales", "Live sales whose ledger is inconsistent",
+            registry=r,
+        )
+        self.live_sales = Gauge("flashsale_live_sales", "Sales counted as live", registry=r)
+        self.backend_ready = Gauge(
+            "flashsale_backend_ready", "1 when the backend answers", ["backend"], registry=r
+        )
+        self.workers_alive = Gauge(
+            "flashsale_workers_alive", "Worker processes whose heartbeat is recent, by role",
+            ["role"], registry=r,
+        )
+        self.worker_up = Gauge(
+            "flashsale_worker_up", "1 while this process's worker loops run", ["role"],
+            registry=r,
+        )
+
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def _child(self, metric: Counter, label: str) -> Any:
+        """labels() does a lookup under a lock on every call; bind children once."""
+        key = (metric._name, label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(label)
+        return child
+
+    def count_reservation(self, outcome: str) -> None:
+        self._child(self.reservations, outcome).inc()
+
+    def count_response(self, status: int) -> None:
+        self._child(self.http_requests, f"{status // 100}xx").inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,63 @@
+"""Scrape-time gauges of the front's /metrics: live sales, backends, workers.
+
+Computed when Prometheus scrapes (one live snapshot, flashsale/ops/live.py), so
+they cost nothing between scrapes. The sale id is a label only here, where
+the number of live sales is bounded (``live_sales_max``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from flashsale.core.backends import Backends
+from flashsale.ops import live
+from flashsale.ops.metrics import Metrics
+
+log = logging.getLogger("flashsale.ops.observe")
+
+CHECK_TIMEOUT_S = 1.0
+
+
+async def _ready(b: Backends) -> tuple[bool, bool]:
+    async def redis_ok() -> bool:
+        return bool(await b.redis.ping())
+
+    async def pg_ok() -> bool:
+        return bool(await b.pg.fetchval("SELECT 1", timeout=CHECK_TIMEOUT_S) == 1)
+
+    results = await asyncio.gather(
+        asyncio.wait_for(redis_ok(), CHECK_TIMEOUT_S), asyncio.wait_for(pg_ok(), CHECK_TIMEOUT_S),
+        return_exceptions=True,
+    )
+    return results[0] is True, results[1] is True
+
+
+async def refresh(b: Backends, m: Metrics) -> None:
+    redis_ok, pg_ok = await _ready(b)
+    m.backend_ready.labels("redis").set(1 if redis_ok else 0)
+    m.backend_ready.labels("postgres").set(1 if pg_ok else 0)
+    if not (redis_ok and pg_ok):
+        return  # the figures would be stale: leave them out rather than lie
+    try:
+        snap = await asyncio.wait_for(live.snapshot(b), CHECK_TIMEOUT_S * 2)
+    except Exception as exc:  # metrics must answer even when a backend does not
+        log.warning("live figures for /metrics failed: %r", exc)
+        return
+    m.sale_units.clear()
+    m.sale_consistent.clear()
+    m.sale_stream.clear()
+    for s in snap["sales"]:
+        sid = s["sale"]["sale_id"]
+        for fig in live.FIGURES:
+            m.sale_units.labels(sid, fig).set(s["figures"][fig])
+        m.sale_consistent.labels(sid).set(1 if s["consistent"] else 0)
+        m.sale_stream.labels(sid, "lag").set(s["stream"]["lag"])
+        m.sale_stream.labels(sid, "pending").set(s["stream"]["pending_entries"])
+        m.sale_stream.labels(sid, "dead_letter").set(s["stream"]["dead_letters"])
+    m.live_sales.set(len(snap["sales"]))
+    m.stream_pending.set(snap["totals"]["pending_entries"])
+    m.dead_letters.set(snap["totals"]["dead_letters"])
+    m.ledger_inconsistent.set(sum(1 for s in snap["sales"] if not s["consistent"]))
+    for role, n in snap["alive"].items():
+        m.workers_alive.labels(role).set(n)

@@ -1,0 +1,1 @@
+"""Running it: the CLI, the runtime wiring, embedded servers for development."""

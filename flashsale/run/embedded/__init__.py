@@ -1,0 +1,1 @@
+"""Real Redis and PostgreSQL started as child processes (development, tests)."""
