@@ -1,6 +1,6 @@
 """Typed application keys: every resource the handlers use hangs off the app.
 
-The types are named for the type checker only (``AppKey["T"]``): this module
+The types are named for the type checker only (``KEY: AppKey[T]``): this module
 imports nothing of flashsale at run time, so every web module can use it
 without pulling in the whole pipeline.
 """
@@ -21,11 +21,11 @@ if TYPE_CHECKING:
     from flashsale.web.admission import Admission
     from flashsale.web.rebuilds import Rebuilds
 
-SETTINGS = web.AppKey["Settings"]("settings")
-METRICS = web.AppKey["Metrics"]("metrics")
-AUTH = web.AppKey["Authenticator"]("auth")
-ADMISSION = web.AppKey["Admission"]("admission")
-BACKENDS = web.AppKey["Backends"]("backends")
-RESERVER = web.AppKey["Reserver"]("reserver")
-REBUILDS = web.AppKey["Rebuilds"]("rebuilds")
-INTEGRATIONS = web.AppKey["Integrations"]("integrations")
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+AUTH: web.AppKey[Authenticator] = web.AppKey("auth")
+ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
+BACKENDS: web.AppKey[Backends] = web.AppKey("backends")
+RESERVER: web.AppKey[Reserver] = web.AppKey("reserver")
+REBUILDS: web.AppKey[Rebuilds] = web.AppKey("rebuilds")
+INTEGRATIONS: web.AppKey[Integrations] = web.AppKey("integrations")
