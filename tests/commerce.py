@@ -112,15 +112,16 @@ class Shop:
     async def webhook(
         self, event: dict[str, Any] | None = None, *, raw: bytes | None = None,
         secret: str = WEBHOOK_SECRET, t: int | None = None, header: str | None = None,
-        signed_raw: bytes | None = None,
+        signed_raw: bytes | None = None, t_offset_s: int = 0,
     ) -> tuple[int, Any]:
         """POST the webhook. ``raw`` is sent; ``signed_raw`` (default ``raw``) is signed;
-        ``header`` replaces the signature header entirely ("" sends none)."""
+        ``header`` replaces the signature header entirely ("" sends none); ``t``
+        defaults to the clock at sending plus ``t_offset_s``."""
         body = raw if raw is not None else orjson.dumps(event)
         to_sign = signed_raw if signed_raw is not None else body
         hdrs = {"Content-Type": "application/json"}
         value = header if header is not None else signature(
-            secret, int(time.time()) if t is None else t, to_sign
+            secret, int(time.time()) + t_offset_s if t is None else t, to_sign
         )
         if value:
             hdrs[SIGNATURE_HEADER] = value
