@@ -3,7 +3,7 @@
 Reservations for the same sale that arrive in the same event-loop tick are
 coalesced into one ``reserve_batch`` call (one round trip for many buyers);
 a lone request is a batch of one. Each item is still decided exactly as if
-it ran alone (see lua/reserve_batch.lua), and packed alone: an item that
+it ran alone (see lua/reserve_batch-6.lua), and packed alone: an item that
 cannot be encoded fails by itself, never its batch.
 
 A lost reply (timeout or broken link after the call was sent) is resolved
@@ -140,7 +140,7 @@ _KEY_REUSED = _REFUSED[CODE_OF_ERROR[errors.IdempotencyKeyReused.code]]
 
 
 def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
-    """Map one script result (see lua/reserve_batch.lua) to its outcome."""
+    """Map one script result (see lua/reserve_batch-6.lua) to its outcome."""
     if code == ACCEPTED:
         return _accepted(sale_id, item.user_id, detail, replay=False)
     if code == REPLAY:

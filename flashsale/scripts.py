@@ -30,7 +30,7 @@ def lua_dir() -> Path:
 
 
 SCRIPT_FILES = {
-    "reserve_batch": "reserve_batch.lua",
+    "reserve_batch": "reserve_batch-6.lua",
     "release": "release-3.lua",
     "ack_persisted": "ack_persisted-3.lua",
     "load_sale": "load_sale-3.lua",
@@ -79,7 +79,7 @@ class Scripts:
         return all(bool(f) for f in flags)
 
 
-# reserve_batch result codes, in order of precedence (see lua/reserve_batch.lua)
+# reserve_batch result codes, in order of precedence (see lua/reserve_batch-6.lua)
 ACCEPTED = 0
 REPLAY = 1
 RESERVE_ERRORS: dict[int, type[errors.FlashsaleError]] = {
