@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from flashsale import events, sales
 from flashsale.backends import Backends, Conn, as_text
+from flashsale.core import live_sales
 from flashsale.metrics import Metrics
 
 log = logging.getLogger("flashsale.compensate")
@@ -278,7 +279,7 @@ class Compensator:
         (the entries stay in the stream until the consumer acks them)."""
         b = self._b
         now_ms = int(time.time() * 1000)
-        sales_ = await b.pg.fetch("SELECT sale_id, hold_seconds FROM sales")
+        sales_ = await live_sales.rows(b)
         if not sales_:
             return 0
         count = b.settings.compensator_batch_max

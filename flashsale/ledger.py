@@ -19,6 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from flashsale import sales
 from flashsale.backends import Backends, as_text
+from flashsale.core import live_sales
 
 log = logging.getLogger("flashsale.ledger")
 
@@ -184,11 +185,9 @@ async def _snapshot(b: Backends, sale_id: str, redis_holds: list[str]) -> Snapsh
 
 
 async def rebuild_missing(b: Backends) -> list[str]:
-    """Rebuild every sale whose Redis state is gone or lost writes that
-    PostgreSQL has (at start and on a schedule)."""
-    rows = await b.pg.fetch(
-        "SELECT sale_id, persisted_stream_ms, persisted_stream_seq FROM sales ORDER BY sale_id"
-    )
+    """Rebuild every live sale whose Redis state is gone or lost writes that
+    PostgreSQL has (at start and on a schedule; flashsale/core/live_sales.py)."""
+    rows = await live_sales.rows(b)
     missing, behind = await _redis_state(b, [(r["sale_id"], sales.watermark(r)) for r in rows])
     return [sid for sid in sorted(missing + behind) if await rebuild(b, sid)]
 

@@ -33,6 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import events
 from flashsale.backends import Backends, Conn, as_text
+from flashsale.core import live_sales
 from flashsale.metrics import Metrics
 from flashsale.sales import stream_pos
 
@@ -239,8 +240,7 @@ class Persister:
         return handled
 
     async def _refresh_streams(self) -> None:
-        rows = await self._b.pg.fetch("SELECT sale_id FROM sales")
-        keys = {self._b.keys(r["sale_id"]).stream: r["sale_id"] for r in rows}
+        keys = {self._b.keys(sid).stream: sid for sid in await live_sales.ids(self._b)}
         async with self._b.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.exists(key)

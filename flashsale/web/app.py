@@ -17,6 +17,7 @@ from flashsale.auth import Authenticator
 from flashsale.backends import open_backends
 from flashsale.compensate import Compensator
 from flashsale.config import Settings
+from flashsale.core import live_sales
 from flashsale.events import Notifier
 from flashsale.metrics import Metrics
 from flashsale.persist import run_consumers
@@ -68,15 +69,18 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _periodic_rebuild(app: web.Application, stop: asyncio.Event) -> None:
-    """Detect sales whose Redis state is gone, or lost writes PostgreSQL has
-    (stream behind the persisted watermark), and rebuild them, at start and on
-    a schedule."""
+    """Detect live sales whose Redis state is gone, or lost writes PostgreSQL
+    has (stream behind the persisted watermark), and rebuild them, at start and
+    on a schedule; then take the drained ones out of the live index."""
     while not stop.is_set():
         try:
             rebuilt = await ledger.rebuild_missing(app[BACKENDS])
             if rebuilt:
                 log.warning("rebuilt %d sale(s) missing in Redis or behind PostgreSQL",
                             len(rebuilt))
+            drained = await live_sales.drain(app[BACKENDS])
+            if drained:
+                log.info("%d sale(s) drained: %s", len(drained), ", ".join(drained))
         except Exception as exc:
             log.warning("rebuild sweep failed: %r", exc)
         with contextlib.suppress(TimeoutError):
