@@ -20,6 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 from flashsale import sales
 from flashsale.backends import Backends, as_text
 from flashsale.core import live_sales
+from flashsale.scripts import Rebuilt
 
 log = logging.getLogger("flashsale.ledger")
 
@@ -88,21 +89,20 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
     args.append(len(snap.released))
     args += snap.released
     args += snap.restocks
-    done = int(
+    done = Rebuilt(int(
         await b.scripts.rebuild_sale(
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.restocks], args=args
         )
-    )
-    if done == LOST_WRITES:
+    ))
+    if done is Rebuilt.LOST_WRITES:
         log.warning("Redis lost writes of sale %s that PostgreSQL has (its stream is behind "
                     "the persisted entry %d-%d): rebuilt from PostgreSQL",
                     sale_id, *sales.watermark(row))
     elif done:
         log.warning("rebuilt Redis state of sale %s from PostgreSQL", sale_id)
-    return bool(done)
+    return done is not Rebuilt.UNCHANGED
 
 
-LOST_WRITES = 2  # rebuild_sale's answer when it rebuilt over a sale whose stream was behind
 STATE_CHUNK = 500  # sales checked per Redis pipeline
 
 
