@@ -167,7 +167,8 @@ class Settings:
     admin_streams_max: int = 16  # concurrent GET /api/v1/admin/events streams per process
     admin_events_interval_ms: int = 1000
     live_sales_max: int = 100  # sales shown, exported with a sale_id label, reconciled --all
-    live_ended_grace_s: int = 3600  # an ended sale stays live this long (its holds settle)
+    # an ended sale stays live at least this long, then until it is drained (core/live_sales.py)
+    live_ended_grace_s: int = 3600
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

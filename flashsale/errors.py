@@ -31,12 +31,6 @@ class Unauthorized(FlashsaleError):
     status, code = 401, "unauthorized"
 
 
-class Forbidden(FlashsaleError):
-    """These credentials may not do this."""
-
-    status, code = 403, "forbidden"
-
-
 class SaleNotFound(FlashsaleError):
     """No such sale."""
 
@@ -47,18 +41,6 @@ class OrderNotFound(FlashsaleError):
     """No such order."""
 
     status, code = 404, "order_not_found"
-
-
-class NotFound(FlashsaleError):
-    """No such resource."""
-
-    status, code = 404, "not_found"
-
-
-class MethodNotAllowed(FlashsaleError):
-    """Method not allowed on this resource."""
-
-    status, code = 405, "method_not_allowed"
 
 
 class SoldOut(FlashsaleError):
@@ -101,12 +83,6 @@ class IdempotencyKeyReused(FlashsaleError):
     """This idempotency key was used with a different request."""
 
     status, code = 422, "idempotency_key_reused"
-
-
-class PayloadTooLarge(FlashsaleError):
-    """The request body is larger than allowed."""
-
-    status, code = 400, "invalid_request"
 
 
 class RequestTimeout(FlashsaleError):

@@ -25,7 +25,7 @@ CANCEL_RETRIES = 3
 
 @dataclass(frozen=True, slots=True)
 class PendingOrder(compensate.Unpersisted):
-    """An accepted order still in Redis (see lua/reserve_batch.lua, pending hash)."""
+    """An accepted order still in Redis (see lua/reserve_batch-6.lua, pending hash)."""
 
     @classmethod
     def parse(cls, order_id: str, sale_id: str, raw: str) -> PendingOrder:

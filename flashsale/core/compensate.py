@@ -24,7 +24,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from flashsale.core import events, sales
+from flashsale.core import events, live_sales, sales
 from flashsale.core.backends import Backends, Conn, as_text
 from flashsale.ops.metrics import Metrics
 
@@ -278,7 +278,7 @@ class Compensator:
         (the entries stay in the stream until the consumer acks them)."""
         b = self._b
         now_ms = int(time.time() * 1000)
-        sales_ = await b.pg.fetch("SELECT sale_id, hold_seconds FROM sales")
+        sales_ = await live_sales.rows(b)
         if not sales_:
             return 0
         count = b.settings.compensator_batch_max

@@ -17,8 +17,9 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from flashsale.core import sales
+from flashsale.core import live_sales, sales
 from flashsale.core.backends import Backends, as_text
+from flashsale.core.scripts import Rebuilt
 
 log = logging.getLogger("flashsale.core.ledger")
 
@@ -87,21 +88,20 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
     args.append(len(snap.released))
     args += snap.released
     args += snap.restocks
-    done = int(
+    done = Rebuilt(int(
         await b.scripts.rebuild_sale(
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.restocks], args=args
         )
-    )
-    if done == LOST_WRITES:
+    ))
+    if done is Rebuilt.LOST_WRITES:
         log.warning("Redis lost writes of sale %s that PostgreSQL has (its stream is behind "
                     "the persisted entry %d-%d): rebuilt from PostgreSQL",
                     sale_id, *sales.watermark(row))
     elif done:
         log.warning("rebuilt Redis state of sale %s from PostgreSQL", sale_id)
-    return bool(done)
+    return done is not Rebuilt.UNCHANGED
 
 
-LOST_WRITES = 2  # rebuild_sale's answer when it rebuilt over a sale whose stream was behind
 STATE_CHUNK = 500  # sales checked per Redis pipeline
 
 
@@ -184,11 +184,9 @@ async def _snapshot(b: Backends, sale_id: str, redis_holds: list[str]) -> Snapsh
 
 
 async def rebuild_missing(b: Backends) -> list[str]:
-    """Rebuild every sale whose Redis state is gone or lost writes that
-    PostgreSQL has (at start and on a schedule)."""
-    rows = await b.pg.fetch(
-        "SELECT sale_id, persisted_stream_ms, persisted_stream_seq FROM sales ORDER BY sale_id"
-    )
+    """Rebuild every live sale whose Redis state is gone or lost writes that
+    PostgreSQL has (at start and on a schedule; flashsale/core/live_sales.py)."""
+    rows = await live_sales.rows(b)
     missing, behind = await _redis_state(b, [(r["sale_id"], sales.watermark(r)) for r in rows])
     return [sid for sid in sorted(missing + behind) if await rebuild(b, sid)]
 

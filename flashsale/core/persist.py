@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flashsale.core import events
+from flashsale.core import events, live_sales
 from flashsale.core.backends import Backends, Conn, as_text
 from flashsale.core.sales import stream_pos
 from flashsale.ops.metrics import Metrics
@@ -239,8 +239,7 @@ class Persister:
         return handled
 
     async def _refresh_streams(self) -> None:
-        rows = await self._b.pg.fetch("SELECT sale_id FROM sales")
-        keys = {self._b.keys(r["sale_id"]).stream: r["sale_id"] for r in rows}
+        keys = {self._b.keys(sid).stream: sid for sid in await live_sales.ids(self._b)}
         async with self._b.redis.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.exists(key)

@@ -3,7 +3,7 @@
 Reservations for the same sale that arrive in the same event-loop tick are
 coalesced into one ``reserve_batch`` call (one round trip for many buyers);
 a lone request is a batch of one. Each item is still decided exactly as if
-it ran alone (see lua/reserve_batch.lua), and packed alone: an item that
+it ran alone (see lua/reserve_batch-6.lua), and packed alone: an item that
 cannot be encoded fails by itself, never its batch.
 
 A lost reply (timeout or broken link after the call was sent) is resolved
@@ -37,11 +37,11 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
-from flashsale.core.backends import Backends
+from flashsale.core.backends import Backends, as_text
 from flashsale.core.compensate import Unpersisted, release_many_in_redis, release_many_unpersisted
 from flashsale.core.keys import SaleKeys
 from flashsale.core.ledger import HOLDING
-from flashsale.core.scripts import ACCEPTED, CODE_OF_ERROR, REPLAY, RESERVE_ERRORS, VOIDED
+from flashsale.core.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS, VOIDED, ReserveCode
 from flashsale.validate import iso_ms
 
 log = logging.getLogger("flashsale.core.reserve")
@@ -65,7 +65,6 @@ RELEASE_DETAIL = "reservation reply lost; released before the 503"
 RESOLVE_PAUSE_S = 0.05  # between lookups of a lost reply (each bounded by redis_timeout_s)
 VOID_KEEP_MS = 86_400_000  # a voided order id is refused this long (lua/resolve_orders-3.lua)
 CLAIM_MARGIN_S = 300  # a cluster key claim outlives the sale's record it guards by this
-RESERVE_SALE_MISSING = -1
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the packing's separators and the records'
 
 
@@ -112,10 +111,6 @@ def fingerprint(sale_id: str, quantity: int) -> str:
     return f"{sale_id}|{quantity}"
 
 
-def _decode(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
 def _accepted(sale_id: str, user_id: str, detail: str, replay: bool) -> Accepted:
     order_id, qty, amount, expires = detail.split("\t")
     return Accepted(order_id, sale_id, user_id, int(qty), int(amount), int(expires), replay)
@@ -136,11 +131,11 @@ class Refused:
 Outcome = Accepted | Refused
 _REFUSED = {code: Refused(cls, replay=False) for code, cls in RESERVE_ERRORS.items()}
 _REFUSED_REPLAY = {code: Refused(cls, replay=True) for code, cls in RESERVE_ERRORS.items()}
-_KEY_REUSED = _REFUSED[CODE_OF_ERROR[errors.IdempotencyKeyReused.code]]
+_KEY_REUSED = _REFUSED[ReserveCode.KEY_REUSED]
 
 
 def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
-    """Map one script result (see lua/reserve_batch.lua) to its outcome."""
+    """Map one script result (see lua/reserve_batch-6.lua) to its outcome."""
     if code == ACCEPTED:
         return _accepted(sale_id, item.user_id, detail, replay=False)
     if code == REPLAY:
@@ -215,9 +210,6 @@ class Reserver:
         self._inflight_max = s.reserve_inflight_batches
         self._queue_max = s.reserve_queue_max
         self._tasks: set[asyncio.Task[None]] = set()
-
-    def queued(self) -> int:
-        return sum(len(lane.waiting) for lane in self._lanes.values())
 
     async def reserve(
         self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None
@@ -299,7 +291,7 @@ class Reserver:
         for i, item in enumerate(items):
             if item.future.done():
                 continue
-            code, detail = int(results[2 * i]), _decode(results[2 * i + 1])
+            code, detail = int(results[2 * i]), as_text(results[2 * i + 1])
             if code == VOIDED:  # only a late copy of a lost request meets a void
                 item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             else:
@@ -390,10 +382,10 @@ class Reserver:
                 await asyncio.sleep(min(RESOLVE_PAUSE_S, max(0.0, deadline - loop.time())))
                 continue
             codes = [int(raw[2 * i]) for i in range(len(order_ids))]
-            if RESERVE_SALE_MISSING in codes:
+            if ReserveCode.SALE_NOT_FOUND in codes:  # Redis lost the sale
                 return None
             return {
-                oid: (code, _decode(raw[2 * i + 1]))
+                oid: (code, as_text(raw[2 * i + 1]))
                 for i, (oid, code) in enumerate(zip(order_ids, codes, strict=True))
             }
         return None

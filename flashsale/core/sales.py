@@ -21,7 +21,8 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.backends import Backends, Conn, as_text
+from flashsale.core.scripts import Ended, Loaded, Restocked
 
 log = logging.getLogger("flashsale.core.sales")
 
@@ -58,7 +59,7 @@ def stream_pos(entries: Iterable[_HasEntryId]) -> tuple[int, int]:
 
 
 def parse_stream_id(raw: str | bytes) -> tuple[int, int]:
-    ms, _, seq = (raw.decode() if isinstance(raw, bytes) else raw).partition("-")
+    ms, _, seq = as_text(raw).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -110,7 +111,7 @@ def status_of(row: asyncpg.Record, available: int, now: datetime) -> str:
     return "sold_out" if available <= 0 else "active"
 
 
-async def load_into_redis(b: Backends, row: asyncpg.Record) -> int:
+async def load_into_redis(b: Backends, row: asyncpg.Record) -> Loaded:
     k = b.keys(row["sale_id"])
     loaded = await b.scripts.load_sale(
         keys=[k.sale, k.stream, k.restocks],
@@ -119,7 +120,7 @@ async def load_into_redis(b: Backends, row: asyncpg.Record) -> int:
             to_ms(row["ends_at"]), row["hold_seconds"] * 1000, b.settings.consumer_group,
         ],
     )
-    return int(loaded)
+    return Loaded(int(loaded))
 
 
 async def create(b: Backends, sale: NewSale) -> dict[str, Any]:
@@ -205,11 +206,16 @@ async def restock(b: Backends, sale_id: str, quantity: int) -> dict[str, Any]:
     return await render(b, row)
 
 
-async def apply_restock(b: Backends, sale_id: str, restock_id: int, quantity: int) -> int:
-    """Apply one committed restock to Redis (at most once) and mark it applied."""
+async def apply_restock(
+    b: Backends, sale_id: str, restock_id: int, quantity: int
+) -> Restocked:
+    """Apply one committed restock to Redis (at most once) and mark it applied
+    (not when the sale is missing in Redis: after its rebuild, which counts it)."""
     k = b.keys(sale_id)
-    result = int(await b.scripts.restock(keys=[k.sale, k.restocks], args=[restock_id, quantity]))
-    if result >= 0:
+    result = Restocked(
+        int(await b.scripts.restock(keys=[k.sale, k.restocks], args=[restock_id, quantity]))
+    )
+    if result is not Restocked.SALE_MISSING:
         await b.pg.execute(
             "UPDATE restocks SET applied_at = now() WHERE restock_id = $1 AND applied_at IS NULL",
             restock_id,
@@ -241,12 +247,14 @@ async def end(b: Backends, sale_id: str) -> dict[str, Any]:
         row = await fetch_row(b, sale_id)  # 404, or ended already: unchanged
     k = b.keys(sale_id)
     try:
-        await b.scripts.end_sale(
+        ended = Ended(int(await b.scripts.end_sale(
             keys=[k.sale], args=[to_ms(row["ends_at"]), to_ms(row["starts_at"])]
-        )
+        )))
     except (RedisError, OSError) as exc:
         log.warning("sale %s ended in PostgreSQL, Redis step failed: %r", sale_id, exc)
         raise errors.Unavailable(
             "the sale is ended in PostgreSQL but not yet in Redis; retry to complete it"
         ) from exc
+    if ended is Ended.SALE_MISSING:  # its rebuild reads ends_at from PostgreSQL
+        log.info("sale %s ended while missing in Redis", sale_id)
     return await render(b, row)

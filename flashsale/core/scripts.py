@@ -1,4 +1,4 @@
-"""The one loader for Lua scripts, and the typed results of reserve_batch.
+"""The one loader for Lua scripts, and the typed result of each of them.
 
 Scripts live in ``lua/`` (shipped as package data). redis-py's
 ``register_script`` runs EVALSHA and reloads the script on NOSCRIPT, so a
@@ -8,6 +8,7 @@ Redis restart with an empty script cache costs one extra round trip.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -30,7 +31,7 @@ def lua_dir() -> Path:
 
 
 SCRIPT_FILES = {
-    "reserve_batch": "reserve_batch.lua",
+    "reserve_batch": "reserve_batch-6.lua",
     "release": "release-3.lua",
     "ack_persisted": "ack_persisted-3.lua",
     "load_sale": "load_sale-3.lua",
@@ -79,17 +80,91 @@ class Scripts:
         return all(bool(f) for f in flags)
 
 
-# reserve_batch result codes, in order of precedence (see lua/reserve_batch.lua)
-ACCEPTED = 0
-REPLAY = 1
+# -- the typed result of every script: its codes as values, its errors as classes ----
+
+
+class ReserveCode(IntEnum):
+    """reserve_batch-6.lua's code per item (and resolve_orders-3.lua's: ACCEPTED
+    for a reserved order, VOIDED, SALE_NOT_FOUND for a sale Redis lost)."""
+
+    ACCEPTED = 0
+    REPLAY = 1  # the key's stored outcome, replayed
+    SALE_NOT_FOUND = -1
+    SALE_NOT_ACTIVE = -2
+    KEY_REUSED = -3
+    LIMIT_EXCEEDED = -4
+    SOLD_OUT = -5
+    # the order id was voided by resolve_orders (its reply was lost and it had
+    # not run): only a late copy of a lost request gets it; nothing written
+    VOIDED = -6
+
+
+ACCEPTED = ReserveCode.ACCEPTED
+REPLAY = ReserveCode.REPLAY
+VOIDED = ReserveCode.VOIDED
+# the refusals, in order of precedence (see lua/reserve_batch-6.lua)
 RESERVE_ERRORS: dict[int, type[errors.FlashsaleError]] = {
-    -1: errors.SaleNotFound,
-    -2: errors.SaleNotActive,
-    -3: errors.IdempotencyKeyReused,
-    -4: errors.LimitExceeded,
-    -5: errors.SoldOut,
+    ReserveCode.SALE_NOT_FOUND: errors.SaleNotFound,
+    ReserveCode.SALE_NOT_ACTIVE: errors.SaleNotActive,
+    ReserveCode.KEY_REUSED: errors.IdempotencyKeyReused,
+    ReserveCode.LIMIT_EXCEEDED: errors.LimitExceeded,
+    ReserveCode.SOLD_OUT: errors.SoldOut,
 }
-CODE_OF_ERROR = {cls.code: code for code, cls in RESERVE_ERRORS.items()}
-# the order id was voided by resolve_orders (its reply was lost and it had not
-# run): only a late copy of a lost request gets it; nothing written
-VOIDED = -6
+
+
+class Loaded(IntEnum):
+    """load_sale-3.lua."""
+
+    LOADED = 1
+    PRESENT = 0  # the sale was there already: nothing changed
+
+
+class Restocked(IntEnum):
+    """restock-2.lua."""
+
+    APPLIED = 1
+    ALREADY = 0  # this restock id was applied before
+    SALE_MISSING = -1  # not in Redis: its rebuild counts the restock (PostgreSQL has it)
+
+
+class Ended(IntEnum):
+    """end_sale-1.lua."""
+
+    LOWERED = 1
+    ALREADY = 0  # ended at or before that time already
+    SALE_MISSING = -1  # not in Redis: its rebuild reads ends_at from PostgreSQL
+
+
+class Rebuilt(IntEnum):
+    """rebuild_sale-6.lua."""
+
+    UNCHANGED = 0  # the sale hash exists and its stream is not behind
+    REBUILT = 1  # the sale hash was missing
+    LOST_WRITES = 2  # rebuilt over a sale whose stream was behind the watermark
+
+
+RELEASE_SALE_MISSING = -1
+
+
+def released(raw: list[Any]) -> list[int]:
+    """release-3.lua: per order id, the quantity released (> 0), 0 when it held
+    nothing, or RELEASE_SALE_MISSING for every order when the sale is not in
+    Redis (nothing changed: retry after the rebuild)."""
+    return [int(q) for q in raw]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLettered:
+    """dead_letter-6.lua: whether the entry moved to the dead-letter stream, and
+    the quantity its hold gave back (both 0 when it was no longer pending)."""
+
+    moved: bool
+    released: int
+
+    @classmethod
+    def of(cls, raw: list[Any]) -> DeadLettered:
+        return cls(bool(int(raw[0])), int(raw[1]))
+
+
+# ack_persisted-3.lua, undo_delivery-1.lua, publish_events-1.lua answer a count
+# (entries acked, counters lowered, events appended): an int, as returned.

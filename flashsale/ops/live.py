@@ -1,10 +1,10 @@
 """The live sales and their figures: what the dashboard, `flashsale status`,
 `reconcile --all` and the scrape-time gauges show.
 
-A sale is live from its creation until ``live_ended_grace_s`` after it ended
-(its holds settle meanwhile), at most ``live_sales_max`` of them, newest
-first: every loop here costs what is live, not what is history. One snapshot
-of N live sales is two PostgreSQL statements and one Redis pipeline.
+The sales shown are the newest ``live_sales_max`` of the index of live sales
+(flashsale/core/live_sales.py: created, not yet ended and drained): every
+loop here costs what is live, not what is history. One snapshot of N live
+sales is two PostgreSQL statements and one Redis pipeline.
 """
 
 from __future__ import annotations
@@ -16,22 +16,16 @@ import asyncpg
 from redis.exceptions import ResponseError
 
 from flashsale import validate
-from flashsale.core import ledger, sales
+from flashsale.core import ledger, live_sales, sales
 from flashsale.core.backends import Backends
 from flashsale.ops import heartbeat
 
 FIGURES = ("stock", "available", "pending", *ledger.STATUSES)
 
 
-async def live_sale_rows(b: Backends) -> list[asyncpg.Record]:
-    return list(
-        await b.pg.fetch(
-            "SELECT * FROM sales WHERE ends_at IS NULL "
-            "OR ends_at > now() - make_interval(secs => $1) "
-            "ORDER BY created_at DESC, sale_id LIMIT $2",
-            b.settings.live_ended_grace_s, b.settings.live_sales_max,
-        )
-    )
+async def shown_rows(b: Backends) -> list[asyncpg.Record]:
+    """The live sales shown: the newest ``live_sales_max`` of the index."""
+    return await live_sales.rows(b, b.settings.live_sales_max)
 
 
 def _int_or(raw: Any, default: int) -> int:
@@ -93,7 +87,7 @@ async def figures(b: Backends, rows: list[asyncpg.Record]) -> list[dict[str, Any
 
 async def snapshot(b: Backends) -> dict[str, Any]:
     """Every live sale's figures and the workers' liveness, now."""
-    sale_figures = await figures(b, await live_sale_rows(b))
+    sale_figures = await figures(b, await shown_rows(b))
     workers = await heartbeat.workers(b)
     totals = {
         key: sum(s["stream"][key] for s in sale_figures)

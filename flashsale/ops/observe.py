@@ -1,4 +1,4 @@
-"""Scrape-time gauges of the front's /metrics: live sales, backends, workers.
+"""Scrape-time gauges of the front's /metrics: live sales, stream lag, backends, workers.
 
 Computed when Prometheus scrapes (one live snapshot, flashsale/ops/live.py), so
 they cost nothing between scrapes. The sale id is a label only here, where
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from flashsale.commerce import payment
+from flashsale.core import live_sales
 from flashsale.core.backends import Backends
 from flashsale.ops import live
 from flashsale.ops.metrics import Metrics
@@ -33,7 +35,34 @@ async def _ready(b: Backends) -> tuple[bool, bool]:
     return results[0] is True, results[1] is True
 
 
+async def stream_lag(b: Backends) -> int:
+    """Accepted orders not yet persisted, over every live sale (one pipeline)."""
+    sale_ids = await live_sales.ids(b)
+    async with b.redis.pipeline(transaction=False) as pipe:
+        for sale_id in sale_ids:
+            pipe.xlen(b.keys(sale_id).stream)
+        lengths = await pipe.execute()
+    return sum(int(x) for x in lengths)
+
+
+async def scrape(b: Backends, m: Metrics) -> None:
+    """Everything the front's /metrics computes when it is scraped."""
+    try:
+        m.stream_lag.set(await stream_lag(b))
+    except Exception:  # metrics must answer even when a backend does not
+        m.stream_lag.set(float("nan"))
+    try:
+        waiting, oldest_age_s = await payment.inbox_stats(b)
+        m.payment_inbox_events.set(waiting)
+        m.payment_inbox_oldest_age.set(oldest_age_s)
+    except Exception:  # as above
+        m.payment_inbox_events.set(float("nan"))
+        m.payment_inbox_oldest_age.set(float("nan"))
+    await refresh(b, m)
+
+
 async def refresh(b: Backends, m: Metrics) -> None:
+    """The live sales' figures, the backends' readiness, the workers' liveness."""
     redis_ok, pg_ok = await _ready(b)
     m.backend_ready.labels("redis").set(1 if redis_ok else 0)
     m.backend_ready.labels("postgres").set(1 if pg_ok else 0)

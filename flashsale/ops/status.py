@@ -81,7 +81,7 @@ def _bar(done: int, total: int, bad: int) -> str:
 
 async def reconcile_all(b: Backends, out: TextIO, progress: TextIO = sys.stderr) -> int:
     """Check every live sale's ledger; print the inconsistent ones; 1 if any."""
-    rows = await live.live_sale_rows(b)
+    rows = await live.shown_rows(b)
     bad: list[tuple[str, dict[str, Any]]] = []
     for n, row in enumerate(rows, 1):
         try:

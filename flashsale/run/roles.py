@@ -17,7 +17,7 @@ from typing import Any
 
 from flashsale.commerce.integrations import Integrations
 from flashsale.commerce.saga import SagaRunner
-from flashsale.core import ledger
+from flashsale.core import ledger, live_sales
 from flashsale.core.backends import Backends
 from flashsale.core.compensate import Compensator
 from flashsale.core.events import Notifier
@@ -32,15 +32,18 @@ Loop = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 async def periodic_rebuild(b: Backends, stop: asyncio.Event) -> None:
-    """Detect sales whose Redis state is gone, or lost writes PostgreSQL has
-    (stream behind the persisted watermark), and rebuild them, at start and on
-    a schedule."""
+    """Detect live sales whose Redis state is gone, or lost writes PostgreSQL
+    has (stream behind the persisted watermark), and rebuild them, at start and
+    on a schedule; then take the drained ones out of the live index."""
     while not stop.is_set():
         try:
             rebuilt = await ledger.rebuild_missing(b)
             if rebuilt:
                 log.warning("rebuilt %d sale(s) missing in Redis or behind PostgreSQL",
                             len(rebuilt))
+            drained = await live_sales.drain(b)
+            if drained:
+                log.info("%d sale(s) drained: %s", len(drained), ", ".join(drained))
         except Exception as exc:
             log.warning("rebuild sweep failed: %r", exc)
         with contextlib.suppress(TimeoutError):

@@ -7,7 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale.commerce import payment
 from flashsale.core import migrate
 from flashsale.ops import observe
 from flashsale.web.keys import BACKENDS, METRICS
@@ -15,7 +14,6 @@ from flashsale.web.middleware import json_response
 from flashsale.web.openapi import build_openapi
 
 CHECK_TIMEOUT_S = 1.0
-LAG_SALES_MAX = 1000
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -58,26 +56,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    b = request.app[BACKENDS]
-    try:
-        rows = await b.pg.fetch(
-            "SELECT sale_id FROM sales ORDER BY created_at DESC LIMIT $1", LAG_SALES_MAX
-        )
-        async with b.redis.pipeline(transaction=False) as pipe:
-            for r in rows:
-                pipe.xlen(b.keys(r["sale_id"]).stream)
-            lengths = await pipe.execute()
-        m.stream_lag.set(sum(int(x) for x in lengths))
-    except Exception:  # metrics must answer even when a backend does not
-        m.stream_lag.set(float("nan"))
-    try:
-        waiting, oldest_age_s = await payment.inbox_stats(b)
-        m.payment_inbox_events.set(waiting)
-        m.payment_inbox_oldest_age.set(oldest_age_s)
-    except Exception:  # as above
-        m.payment_inbox_events.set(float("nan"))
-        m.payment_inbox_oldest_age.set(float("nan"))
-    await observe.refresh(b, m)  # live sales, backends, workers (flashsale/ops/observe.py)
+    await observe.scrape(request.app[BACKENDS], m)  # flashsale/ops/observe.py
     return web.Response(
         body=m.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

@@ -30,8 +30,8 @@ from flashsale.config import Settings
 from flashsale.core.backends import Backends
 from flashsale.web.app import Workers
 from tests.chaos.conftest import Figures
+from tests.chaos.faults import TcpProxy
 from tests.chaos.harness import LoadGenerator, Services, audit, flashsale_env
-from tests.faults import TcpProxy
 from tests.support import JWT_SECRET, running_app
 
 CYCLES_MIN = 6

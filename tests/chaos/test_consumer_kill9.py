@@ -31,6 +31,7 @@ from flashsale.core.persist import Entry, Persister, persist_batch
 from flashsale.core.reserve import Accepted, Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
+from tests.chaos.faults import TcpProxy
 from tests.chaos.harness import (
     HOLDING,
     LoadGenerator,
@@ -41,7 +42,6 @@ from tests.chaos.harness import (
     unacked,
     wait_drained,
 )
-from tests.faults import TcpProxy
 from tests.support import eventually, running_app
 
 CYCLES_MIN = 20

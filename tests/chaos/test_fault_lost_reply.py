@@ -47,9 +47,9 @@ from tests.chaos.faultkit import (
     orders_per_key,
     percentile,
 )
+from tests.chaos.faults import TcpProxy
 from tests.chaos.harness import audit
 from tests.chaos.history import HOLDING, Fate, History
-from tests.faults import TcpProxy
 from tests.support import running_app
 
 pytestmark = pytest.mark.chaos

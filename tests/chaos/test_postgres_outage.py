@@ -24,6 +24,7 @@ import pytest
 from flashsale.config import Settings
 from flashsale.core.backends import Backends
 from tests.chaos.conftest import Figures
+from tests.chaos.faults import TcpProxy
 from tests.chaos.harness import (
     HOLDING,
     LoadGenerator,
@@ -33,7 +34,6 @@ from tests.chaos.harness import (
     flashsale_env,
     wait_drained,
 )
-from tests.faults import TcpProxy
 from tests.support import eventually, running_app
 
 OUTAGE_S = 10.0

@@ -16,7 +16,7 @@ key and payment, and each Idempotency-Key's first decided reply. Rules:
 * ``replay``: an earlier key with the same body (the first reply again: same
   status, same ``order_id`` or code), a different quantity or another sale
   (422 ``idempotency_key_reused``);
-* ``reserve_reply_lost``: a reservation through a TCP proxy (tests/faults.py)
+* ``reserve_reply_lost``: a reservation through a TCP proxy (tests/chaos/faults.py)
   that loses its reply after the service handled it (the link reset, or the
   client timing out): the outcome is unknown to the client; the model learns
   it from Redis's pending orders, and a retry with the same key must get the
@@ -99,6 +99,7 @@ from flashsale.core.compensate import Compensator
 from flashsale.core.persist import Entry, Persister, persist_batch
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
+from tests.chaos.faults import TcpProxy
 from tests.chaos.history import (
     Fate,
     History,
@@ -115,7 +116,6 @@ from tests.chaos.history import (
     classify_sale,
 )
 from tests.commerce import FAST, Shop, running_shop
-from tests.faults import TcpProxy
 
 pytestmark = pytest.mark.chaos
 

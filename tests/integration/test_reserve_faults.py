@@ -1,6 +1,6 @@
 """The reservation when Redis's reply is lost, and one bad item in a batch.
 
-A TcpProxy (tests/faults.py) sits between the front and the machine's Redis.
+A TcpProxy (tests/chaos/faults.py) sits between the front and the machine's Redis.
 The reservation request goes through (the script runs), then the reply is
 lost: dropped with a reset, or swallowed until the front times out. The
 contract: a 503 means nothing was reserved. So a buyer whose script ran gets
@@ -25,7 +25,7 @@ from flashsale import errors
 from flashsale.config import Settings
 from flashsale.core.backends import Backends
 from flashsale.core.reserve import Accepted, Reserver
-from tests.faults import TcpProxy
+from tests.chaos.faults import TcpProxy
 from tests.support import JWT_SECRET, Api, eventually, running_app
 
 REDIS_TIMEOUT_S = 0.3

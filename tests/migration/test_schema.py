@@ -294,6 +294,14 @@ SCHEMA: dict[int, dict[str, Table]] = {
                                "payment_inbox_waiting"}),
         ),
     },
+    5: {
+        # the index of live sales (flashsale/core/live_sales.py)
+        "sales": Table(
+            columns=(("drained_at", TZ, NULL),),
+            constraints={"sales_drained_after_end": "c"},
+            indexes=frozenset({"sales_live"}),
+        ),
+    },
 }
 
 # the migrations runner's own ledger, present whatever the migrations are
