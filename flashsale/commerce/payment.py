@@ -149,6 +149,14 @@ def _payable_now(row: asyncpg.Record | None, pending: orders.PendingOrder | None
         raise errors.OrderNotPayable("the order's hold has expired")
 
 
+async def order_of_payment(b: Backends, payment_id: str) -> tuple[str, int] | None:
+    """The order id and amount a payment was created for, or None."""
+    row = await b.pg.fetchrow(
+        "SELECT order_id, amount_cents FROM payments WHERE payment_id = $1", payment_id
+    )
+    return None if row is None else (row["order_id"], row["amount_cents"])
+
+
 async def request_payment(b: Backends, order_id: str, user_id: str) -> Payment:
     """The order's one payment, created on first request (404 unless the buyer's)."""
     row, pending = await orders.locate(b, order_id, user_id)

@@ -150,6 +150,11 @@ async def fetch_row(b: Backends, sale_id: str, conn: Conn | None = None) -> asyn
     return row
 
 
+async def exists(b: Backends, sale_id: str) -> bool:
+    """Whether PostgreSQL has the sale (the system of record; Redis may have lost it)."""
+    return bool(await b.pg.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id))
+
+
 async def render(b: Backends, row: asyncpg.Record) -> dict[str, Any]:
     """The contract's sale body; `available` comes from Redis, the live counter
     (PostgreSQL's stock - sold when Redis does not have it or does not answer)."""

@@ -12,7 +12,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+import asyncpg
 import orjson
+from redis.exceptions import RedisError
 
 from flashsale import auth, errors
 from flashsale.commerce.integrations import Integrations
@@ -22,6 +24,7 @@ from flashsale.core.backends import open_backends
 from flashsale.ops import heartbeat, status, worker_http
 from flashsale.ops.metrics import Metrics
 from flashsale.run import roles, runtime
+from flashsale.run.embedded.servers import EmbeddedError
 from flashsale.web import front
 from flashsale.web.app import Workers, create_app
 
@@ -70,11 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a clear message, never a traceback
-        import asyncpg
-        from redis.exceptions import RedisError
-
-        from flashsale.run.embedded.servers import EmbeddedError
-
         # a server that refuses us (unknown database, bad password, Redis
         # down...) is an environment problem, not a bug: say what it said
         if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
@@ -135,8 +133,6 @@ def _token(settings: Settings, user_id: str, ttl: int) -> int:
 
 
 async def _migrate(s: Settings) -> int:
-    import asyncpg
-
     assert s.database_url
     conn = await asyncpg.connect(s.database_url)
     try:

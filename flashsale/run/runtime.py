@@ -122,8 +122,6 @@ def backing_servers(settings: Settings) -> Iterator[Settings]:
     if settings.redis_url and settings.database_url:
         yield settings
         return
-    from flashsale.run.embedded.servers import EmbeddedError, EmbeddedServers
-
     servers = EmbeddedServers.from_settings(settings, Path(settings.data_dir).resolve())
     servers.start()
     with _servers_lock:

@@ -68,15 +68,14 @@ async def settle_payment(request: web.Request) -> web.Response:
     if outcome not in OUTCOMES:
         raise errors.InvalidRequest(f"outcome must be one of {', '.join(OUTCOMES)}")
     payment_id = request.match_info["payment_id"]
-    row = None
+    found = None
     if PAYMENT_ID_RE.match(payment_id):
-        row = await request.app[BACKENDS].pg.fetchrow(
-            "SELECT order_id, amount_cents FROM payments WHERE payment_id = $1", payment_id
-        )
-    if row is None:
+        found = await payment.order_of_payment(request.app[BACKENDS], payment_id)
+    if found is None:
         raise errors.PaymentNotFound()
+    order_id, amount_cents = found
     settled = await request.app[INTEGRATIONS].gateway.settle(
-        _webhook_url(request), payment_id, row["order_id"], row["amount_cents"], outcome
+        _webhook_url(request), payment_id, order_id, amount_cents, outcome
     )
     return json_response(settled.body())
 

@@ -146,8 +146,7 @@ def refusal_response(error: type[errors.FlashsaleError]) -> web.Response:
 
 async def _missing_in_redis(request: web.Request, sale_id: str) -> None:
     """A sale PostgreSQL has but Redis lost: rebuild it and answer 503, not 404."""
-    b = request.app[BACKENDS]
-    if await b.pg.fetchval("SELECT 1 FROM sales WHERE sale_id = $1", sale_id):
+    if await sales.exists(request.app[BACKENDS], sale_id):
         request.app[REBUILDS].trigger(sale_id)
         raise errors.Unavailable("the sale is being restored; retry shortly")
 
