@@ -49,7 +49,7 @@ import requests
 import schemathesis
 
 from flashsale.commerce.signature import SIGNATURE_HEADER, signature
-from flashsale.web.openapi import SIGNATURE_PATTERN
+from flashsale.schemas.bounds import SIGNATURE_PATTERN
 from tests.support import WEBHOOK_SECRET
 
 _SIGNATURE_RE = re.compile(SIGNATURE_PATTERN)
