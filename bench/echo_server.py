@@ -24,11 +24,13 @@ from aiohttp import web
 from flashsale import errors, validate
 from flashsale.auth import Authenticator
 from flashsale.core.reserve import new_order_id
+from flashsale.schemas import bounds
+from flashsale.schemas.bodies import OrderCreate
+from flashsale.schemas.decode import BodyReader
 from flashsale.validate import iso_ms
 
-BODY_MAX = 16 * 1024
-QUANTITY_MAX = 1_000_000
-ORDER_FIELDS = frozenset({"quantity"})
+BODY_MAX = bounds.MAX_BODY_BYTES
+READ_ORDER = BodyReader(OrderCreate)  # as flashsale/web/routes.py reads it
 PRICE_CENTS = 1999
 HOLD_MS = 600_000
 
@@ -51,9 +53,7 @@ async def parse_order(request: web.Request) -> tuple[str, str | None, int, str]:
     raw = await request.content.read(BODY_MAX + 1)
     if len(raw) > BODY_MAX:
         raise errors.InvalidRequest("the request body is too large")
-    body = validate.json_object(raw)
-    validate.no_unknown(body, ORDER_FIELDS)
-    qty = validate.integer(body, "quantity", 1, QUANTITY_MAX, 1)
+    qty = READ_ORDER(raw).quantity
     return user_id, key, qty, validate.sale_id(request.match_info["sale_id"])
 
 

@@ -9,8 +9,9 @@ from collections import OrderedDict
 import jwt
 
 from flashsale.errors import Unauthorized
+from flashsale.schemas import bounds
 
-USER_ID_MAX = 64
+USER_ID_MAX = bounds.USER_ID_MAX_CHARS
 TOKEN_MAX_CHARS = 4096
 CACHE_MAX = 50_000
 EXP_CACHE_MAX = 2**53  # seconds; beyond it a token is verified every time

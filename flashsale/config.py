@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from flashsale.schemas import bounds
+
 SECRET_MIN_CHARS = 16
 SECRET_MAX_CHARS = 512
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -112,13 +114,12 @@ class Settings:
     rate_user_burst: float = 20.0
     rate_global_per_s: float = 0.0
     rate_limited_delay_s: float = 1.0  # a buyer's 429 is held this long (admission.py)
-    body_max_bytes: int = 16 * 1024
+    body_max_bytes: int = bounds.MAX_BODY_BYTES  # the contract's 16 KiB
     # HTTP connections (flashsale/web/front.py): slow or idle clients never hold a slot long
     http_header_timeout_s: float = 10.0  # connect or first byte -> request head complete
     http_body_timeout_s: float = 10.0  # a handler's whole read of a body (<= body_max_bytes)
     http_keepalive_idle_s: float = 15.0  # response sent -> first byte of the next request
     http_max_connections: int = 4096  # open connections per process (clamped to the fd limit)
-    quantity_max: int = 1_000_000
     redis_timeout_s: float = 2.0
     # after a reservation call failed once sent: how long the front keeps asking
     # Redis (fresh connections) which of its orders were reserved (reserve.py)

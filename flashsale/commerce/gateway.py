@@ -22,8 +22,8 @@ import orjson
 from aiohttp import ClientError, ClientSession, ClientTimeout
 
 from flashsale.commerce.signature import SIGNATURE_HEADER, signature
+from flashsale.core.statuses import SETTLE_OUTCOMES
 
-OUTCOMES = ("succeeded", "failed")
 WEBHOOK_BACKOFF_BASE_S = 0.2
 WEBHOOK_BACKOFF_MAX_S = 2.0
 
@@ -82,8 +82,8 @@ class MockGateway:
         self, webhook_url: str, payment_id: str, order_id: str, amount_cents: int, outcome: str,
     ) -> Settlement:
         """Send the webhook for a settled payment; bounded retries on 5xx or no answer."""
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {OUTCOMES}")
+        if outcome not in SETTLE_OUTCOMES:
+            raise ValueError(f"outcome must be one of {SETTLE_OUTCOMES}")
         event = {"event_id": "evt_" + secrets.token_hex(12), "type": f"payment.{outcome}",
                  "payment_id": payment_id, "order_id": order_id, "amount_cents": amount_cents}
         raw = orjson.dumps(event)

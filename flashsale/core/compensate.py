@@ -26,11 +26,11 @@ from redis.exceptions import RedisError
 
 from flashsale.core import events, live_sales, sales
 from flashsale.core.backends import Backends, Conn, as_text
+from flashsale.core.statuses import RELEASABLE as HOLDING  # awaiting_payment: what a release takes
 from flashsale.ops.metrics import Metrics
 
 log = logging.getLogger("flashsale.core.compensate")
 
-HOLDING = ("awaiting_payment",)
 OUTBOX_GRACE_S = 1.0
 RELEASE_CHUNK = 500  # order ids per release script call
 

@@ -27,11 +27,11 @@ from typing import Any, Protocol
 from redis.exceptions import ResponseError
 
 from flashsale.core.backends import Backends, as_text
+from flashsale.core.statuses import DomainEventType
 
 log = logging.getLogger("flashsale.core.events")
 notify_log = logging.getLogger("flashsale.notify")
 
-EVENT_TYPES = ("order_accepted", "order_paid", "order_shipped", "order_released")
 NOTIFY_GROUP = "notify"
 NOTIFY_BATCH_MAX = 100
 NOTIFY_BLOCK_MS = 200
@@ -45,7 +45,7 @@ def stream_key(prefix: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class DomainEvent:
-    type: str
+    type: DomainEventType  # flashsale/core/statuses.py
     order_id: str
     sale_id: str
     data: Mapping[str, str | int] = field(default_factory=dict)

@@ -20,17 +20,15 @@ from redis.exceptions import RedisError, ResponseError
 from flashsale.core import live_sales, sales
 from flashsale.core.backends import Backends, as_text
 from flashsale.core.scripts import Rebuilt
+from flashsale.core.statuses import HOLDING, PERSISTED, RELEASED
 
 log = logging.getLogger("flashsale.core.ledger")
 
-STATUSES = ("awaiting_payment", "paid", "shipped", "cancelled", "expired", "failed")
-HOLDING = ("awaiting_payment", "paid", "shipped")
-RELEASED = ("cancelled", "expired", "failed")
 
 
 async def ledger(b: Backends, sale_id: str) -> dict[str, Any]:
     row = await sales.fetch_row(b, sale_id)
-    sums = {s: 0 for s in STATUSES}
+    sums: dict[str, int] = dict.fromkeys(PERSISTED, 0)
     for r in await b.pg.fetch(
         "SELECT status, sum(quantity)::bigint AS q FROM orders WHERE sale_id = $1 "
         "GROUP BY status",
@@ -48,7 +46,7 @@ async def ledger(b: Backends, sale_id: str) -> dict[str, Any]:
 
 
 def is_consistent(figures: dict[str, int], sold: int, in_redis: bool) -> bool:
-    """The ledger's equation over one sale's figures (stock, available, pending, STATUSES)."""
+    """The ledger's equation over one sale's figures (stock, available, pending, PERSISTED)."""
     holding = sum(figures[s] for s in HOLDING)
     return (
         in_redis

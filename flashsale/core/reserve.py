@@ -40,8 +40,8 @@ from flashsale import errors
 from flashsale.core.backends import Backends, as_text
 from flashsale.core.compensate import Unpersisted, release_many_in_redis, release_many_unpersisted
 from flashsale.core.keys import SaleKeys
-from flashsale.core.ledger import HOLDING
 from flashsale.core.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS, VOIDED, ReserveCode
+from flashsale.core.statuses import HOLDING
 from flashsale.validate import iso_ms
 
 log = logging.getLogger("flashsale.core.reserve")

@@ -23,19 +23,16 @@ from redis.exceptions import RedisError
 from flashsale import errors, validate
 from flashsale.core.backends import Backends, Conn, as_text
 from flashsale.core.scripts import Ended, Loaded, Restocked
+from flashsale.core.statuses import SaleStatus
+from flashsale.schemas import bounds
+from flashsale.schemas.bodies import SaleCreate
 
 log = logging.getLogger("flashsale.core.sales")
 
-PRICE_MAX = 1_000_000_000
-STOCK_MAX = 1_000_000_000
-LIMIT_MAX = 1_000_000
-HOLD_MAX_S = 30 * 86_400
+STOCK_MAX = bounds.MAX_STOCK  # names the benches use; the bounds module owns the values
+LIMIT_MAX = bounds.MAX_PER_USER_LIMIT
+HOLD_MAX_S = bounds.MAX_HOLD_SECONDS
 _ALPHABET = string.ascii_lowercase + string.digits
-
-SALE_FIELDS = frozenset(
-    {"sku", "name", "price_cents", "stock", "per_user_limit", "starts_at", "ends_at",
-     "hold_seconds"}
-)
 
 
 def new_sale_id() -> str:
@@ -84,26 +81,22 @@ class NewSale:
     hold_seconds: int
 
     @classmethod
-    def parse(cls, body: dict[str, Any], now: datetime) -> NewSale:
-        validate.no_unknown(body, SALE_FIELDS)
-        starts = validate.timestamp(body, "starts_at", now)
+    def of(cls, body: SaleCreate, now: datetime) -> NewSale:
+        """The sale a decoded body asks for: its timestamps parsed (``starts_at``
+        defaults to ``now``) and its window checked, what JSON Schema cannot say."""
+        starts = validate.timestamp("starts_at", body.starts_at, now)
         assert starts is not None
-        ends = validate.timestamp(body, "ends_at", None)
+        ends = validate.timestamp("ends_at", body.ends_at, None)
         if ends is not None and ends <= starts:
             raise errors.InvalidRequest("ends_at must be after starts_at")
         return cls(
-            sku=validate.text(body, "sku", 1, 64),
-            name=validate.text(body, "name", 1, 200),
-            price_cents=validate.integer(body, "price_cents", 0, PRICE_MAX),
-            stock=validate.integer(body, "stock", 0, STOCK_MAX),
-            per_user_limit=validate.integer(body, "per_user_limit", 1, LIMIT_MAX, 1),
-            starts_at=starts,
-            ends_at=ends,
-            hold_seconds=validate.integer(body, "hold_seconds", 1, HOLD_MAX_S, 600),
+            sku=body.sku, name=body.name, price_cents=body.price_cents, stock=body.stock,
+            per_user_limit=body.per_user_limit, starts_at=starts, ends_at=ends,
+            hold_seconds=body.hold_seconds,
         )
 
 
-def status_of(row: asyncpg.Record, available: int, now: datetime) -> str:
+def status_of(row: asyncpg.Record, available: int, now: datetime) -> SaleStatus:
     if now < row["starts_at"]:
         return "scheduled"
     if row["ends_at"] is not None and now >= row["ends_at"]:

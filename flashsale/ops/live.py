@@ -18,9 +18,10 @@ from redis.exceptions import ResponseError
 from flashsale import validate
 from flashsale.core import ledger, live_sales, sales
 from flashsale.core.backends import Backends
+from flashsale.core.statuses import LEDGER_FIGURES, PERSISTED
 from flashsale.ops import heartbeat
 
-FIGURES = ("stock", "available", "pending", *ledger.STATUSES)
+FIGURES = LEDGER_FIGURES  # the ledger's figures, as the dashboard shows them
 
 
 async def shown_rows(b: Backends) -> list[asyncpg.Record]:
@@ -39,7 +40,7 @@ async def figures(b: Backends, rows: list[asyncpg.Record]) -> list[dict[str, Any
     if not rows:
         return []
     ids = [r["sale_id"] for r in rows]
-    sums: dict[str, dict[str, int]] = {i: dict.fromkeys(ledger.STATUSES, 0) for i in ids}
+    sums: dict[str, dict[str, int]] = {i: dict.fromkeys(PERSISTED, 0) for i in ids}
     for r in await b.pg.fetch(
         "SELECT sale_id, status, sum(quantity)::bigint AS q FROM orders "
         "WHERE sale_id = ANY($1::text[]) GROUP BY sale_id, status",

@@ -10,17 +10,15 @@ import threading
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import uvloop
 
 from flashsale.config import Settings
 from flashsale.ops import logs
+from flashsale.run.embedded.servers import EmbeddedError, EmbeddedServers
 from flashsale.run.secrets_file import SECRETS_FILE as SECRETS_FILE
 from flashsale.run.secrets_file import keep_secrets
-
-if TYPE_CHECKING:
-    from flashsale.run.embedded.servers import EmbeddedServers
 
 T = TypeVar("T")
 log = logging.getLogger("flashsale")

@@ -4,7 +4,6 @@ gateway's settle endpoint (admin; development and tests)."""
 from __future__ import annotations
 
 import math
-import re
 import time
 
 from aiohttp import web
@@ -12,22 +11,23 @@ from aiohttp import web
 from flashsale import errors, validate
 from flashsale.commerce import payment, signature
 from flashsale.commerce.breaker import CircuitOpen
-from flashsale.commerce.gateway import OUTCOMES, GatewayError
+from flashsale.commerce.gateway import GatewayError
 from flashsale.commerce.integrations import Integrations
+from flashsale.schemas.bodies import GatewaySettle, NoBody
+from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
 from flashsale.web.keys import BACKENDS, INTEGRATIONS, SETTINGS
 from flashsale.web.middleware import json_response
 from flashsale.web.routes import admin, buyer, read_body
 
 WEBHOOK_PATH = "/api/v1/payments/webhook"
-PAYMENT_ID_RE = re.compile(r"^pay_[0-9a-f]{24}$")
-SETTLE_FIELDS = frozenset({"outcome"})
+READ_PAY = BodyReader(NoBody, empty_ok=True)  # amount, status, user: all server-owned
+READ_SETTLE = BodyReader(GatewaySettle)
 
 
 async def pay_order(request: web.Request) -> web.Response:
     user_id = buyer(request)
-    body = validate.json_object(await read_body(request), allow_empty=True)
-    validate.no_unknown(body, frozenset())  # amount, status, user: all server-owned
+    READ_PAY(await read_body(request))
     b, integ = request.app[BACKENDS], request.app[INTEGRATIONS]
     p = await payment.request_payment(b, request.match_info["order_id"], user_id)
     try:
@@ -62,14 +62,10 @@ async def payment_webhook(request: web.Request) -> web.Response:
 
 async def settle_payment(request: web.Request) -> web.Response:
     admin(request)
-    body = validate.json_object(await read_body(request))
-    validate.no_unknown(body, SETTLE_FIELDS)
-    outcome = validate.text(body, "outcome", 1, 20)
-    if outcome not in OUTCOMES:
-        raise errors.InvalidRequest(f"outcome must be one of {', '.join(OUTCOMES)}")
+    outcome = READ_SETTLE(await read_body(request)).outcome
     payment_id = request.match_info["payment_id"]
     found = None
-    if PAYMENT_ID_RE.match(payment_id):
+    if validate.PAYMENT_ID_RE.fullmatch(payment_id):
         found = await payment.order_of_payment(request.app[BACKENDS], payment_id)
     if found is None:
         raise errors.PaymentNotFound()

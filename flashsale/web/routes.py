@@ -15,13 +15,15 @@ from flashsale.commerce import orders
 from flashsale.core import ledger, sales
 from flashsale.core.reserve import Refused
 from flashsale.core.scripts import RESERVE_ERRORS
+from flashsale.schemas.bodies import OrderCreate, Restock, SaleCreate
+from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
 from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
 from flashsale.web.middleware import json_response
 
-ORDER_FIELDS = frozenset({"quantity"})
-RESTOCK_FIELDS = frozenset({"quantity"})
-RESTOCK_MAX = 1_000_000
+READ_SALE = BodyReader(SaleCreate)
+READ_RESTOCK = BodyReader(Restock)
+READ_ORDER = BodyReader(OrderCreate)
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -71,8 +73,7 @@ def admin(request: web.Request) -> None:
 
 async def create_sale(request: web.Request) -> web.Response:
     admin(request)
-    body = validate.json_object(await read_body(request))
-    new = sales.NewSale.parse(body, datetime.now(UTC))
+    new = sales.NewSale.of(READ_SALE(await read_body(request)), datetime.now(UTC))
     return json_response(await sales.create(request.app[BACKENDS], new), 201)
 
 
@@ -82,9 +83,7 @@ async def get_sale(request: web.Request) -> web.Response:
 
 async def restock_sale(request: web.Request) -> web.Response:
     admin(request)
-    body = validate.json_object(await read_body(request))
-    validate.no_unknown(body, RESTOCK_FIELDS)
-    qty = validate.integer(body, "quantity", 1, RESTOCK_MAX)
+    qty = READ_RESTOCK(await read_body(request)).quantity
     b = request.app[BACKENDS]
     return json_response(await sales.restock(b, request.match_info["sale_id"], qty))
 
@@ -111,9 +110,7 @@ async def create_order(request: web.Request) -> web.Response:
     try:
         user_id = buyer(request)
         key = idempotency_key(request)
-        body = validate.json_object(await read_body(request))
-        validate.no_unknown(body, ORDER_FIELDS)
-        qty = validate.integer(body, "quantity", 1, app[SETTINGS].quantity_max, 1)
+        qty = READ_ORDER(await read_body(request)).quantity
         sale_id = validate.sale_id(request.match_info["sale_id"])
         result = await app[RESERVER].reserve(sale_id, user_id, qty, key)
         if isinstance(result, Refused):

@@ -34,6 +34,11 @@ is rejected, and no generator can know a real payment id and amount).
 After the run every sale the fuzzer created is drained and its ledger must be
 consistent. Reproduce a run with the printed command (same seed).
 Environment: FLASHSALE_ST_SEED (default 20261122), FLASHSALE_ST_MAX_EXAMPLES (40).
+
+A second, shorter run (:func:`test_schemathesis_shipped_rate_limits`) keeps the
+rate limits exactly as shipped (Settings' defaults: a buyer's bucket, the
+tarpit before a 429) with one buyer token, so the 429s every buyer endpoint
+can answer are exercised against the document too; bounded by ``--max-time``.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +68,7 @@ pytestmark = pytest.mark.chaos
 SEED = int(os.environ.get("FLASHSALE_ST_SEED", "20261122"))
 MAX_EXAMPLES = int(os.environ.get("FLASHSALE_ST_MAX_EXAMPLES", "40"))
 RUN_TIMEOUT_S = 300.0
+SHIPPED_MAX_TIME_S = 40  # the shipped-limits run's budget (the whole test stays under 60 s)
 HOOKS = "tests.chaos.st_hooks"
 
 # schema-valid requests a correct server may still refuse, per operation (see the docstring)
@@ -139,7 +145,10 @@ class StRun:
         return self.output[start:] if start >= 0 else self.output[-3000:]
 
 
-async def run_schemathesis(base: str, workdir: Path, settings: Settings) -> StRun:
+async def run_schemathesis(
+    base: str, workdir: Path, settings: Settings, *, max_examples: int = MAX_EXAMPLES,
+    extra: tuple[str, ...] = (), timeout_s: float = RUN_TIMEOUT_S,
+) -> StRun:
     buyer_token = auth.mint(JWT_SECRET, "st-buyer", 3600)
     config = workdir / "schemathesis.toml"
     config.write_text(st_config(buyer_token, settings.admin_token))
@@ -147,8 +156,9 @@ async def run_schemathesis(base: str, workdir: Path, settings: Settings) -> StRu
     stats = workdir / "probes.json"
     command = [
         schemathesis_bin(), "--config-file", str(config), "run", f"{base}/openapi.json",
-        "--checks", "all", "--max-examples", str(MAX_EXAMPLES), "--seed", str(SEED),
+        "--checks", "all", "--max-examples", str(max_examples), "--seed", str(SEED),
         "--request-timeout", "20", "--report", "json", "--report-json-path", str(report),
+        *extra,
     ]
     env = {
         **os.environ, "SCHEMATHESIS_HOOKS": HOOKS, "PYTHONPATH": str(REPO),
@@ -161,7 +171,12 @@ async def run_schemathesis(base: str, workdir: Path, settings: Settings) -> StRu
         *command, cwd=REPO, env=env, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    out, _ = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError(f"schemathesis did not finish within {timeout_s:g} s") from None
     assert proc.returncode is not None
     text = out.decode(errors="replace")
     assert report.exists(), f"schemathesis wrote no report (exit {proc.returncode}):\n{text}"
@@ -222,3 +237,54 @@ async def test_schemathesis_zero_failures(
     assert run.returncode == 0, run.summary()
     assert ops["tested"] == ops["selected"] > 0
     assert not inconsistent, inconsistent
+
+
+def shipped_rate_limits(settings: Settings) -> Settings:
+    """``settings`` with the admission limits exactly as Settings ships them."""
+    shipped = {
+        f.name: f.default for f in fields(Settings)
+        if f.name.startswith("rate_") and f.default is not MISSING
+    }
+    assert set(shipped) >= {"rate_user_per_s", "rate_user_burst", "rate_limited_delay_s"}
+    return replace(settings, **shipped)
+
+
+async def test_schemathesis_shipped_rate_limits(
+    chaos_settings: Settings, tmp_path: Path, figures: Figures
+) -> None:
+    """Every check, one buyer token, the rate limits and the tarpit as shipped: every
+    answer a buyer can get (429 on each buyer endpoint included) is in the document."""
+    settings = shipped_rate_limits(replace(chaos_settings, gateway_webhook_attempts=3))
+    assert settings.rate_user_per_s > 0 and settings.rate_limited_delay_s > 0
+    workers = Workers(consumer=True, compensator=True, saga=True)
+    started = time.monotonic()
+    async with running_app(settings, workers) as api:
+        run = await run_schemathesis(
+            api.base, tmp_path, settings, max_examples=10,
+            extra=("--max-time", str(SHIPPED_MAX_TIME_S)), timeout_s=SHIPPED_MAX_TIME_S + 15,
+        )
+        async with api.session.get(f"{api.base}/metrics") as resp:
+            metrics = await resp.text()
+    found = re.search(r'^flashsale_reservations_total\{outcome="rate_limited"\} (\S+)$', metrics,
+                      re.MULTILINE)
+    limited = int(float(found.group(1))) if found else 0  # 429s to createOrder alone
+    report = run.report
+    figures.update(
+        seed=SEED, rate_user_per_s=settings.rate_user_per_s,
+        rate_user_burst=settings.rate_user_burst, tarpit_s=settings.rate_limited_delay_s,
+        operations_tested=report["operations"]["tested"],
+        test_cases=report["test_cases"]["generated"],
+        test_cases_with_failures=report["test_cases"]["with_failures"], errors=run.errors,
+        intruder_probes=run.stats.get("intruder_probes", 0),
+        intruder_rate_limited=run.stats.get("intruder_rate_limited", 0),
+        create_order_429s=limited, run_s=round(run.wall_s, 1),
+        test_s=round(time.monotonic() - started, 1),
+    )
+    print(f"\nschemathesis (shipped rate limits): {report['test_cases']['generated']} test "
+          f"cases, {report['test_cases']['with_failures']} failures, {run.errors} errors, "
+          f"{limited} createOrder answers were 429; {run.wall_s:.1f} s")
+    if run.failures or run.errors or run.returncode != 0:
+        print(run.output)
+    assert run.failures == 0 and run.errors == 0, f"schemathesis failed (exit {run.returncode})"
+    assert run.returncode == 0, run.summary()
+    assert limited > 0, "the rate limits never answered: the run proved nothing about 429"

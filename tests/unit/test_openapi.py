@@ -48,9 +48,9 @@ EXPECTED_STATUSES: dict[str, set[str]] = {
     "restockSale": {"200", "400", "401", "404"},
     "getLedger": {"200", "401", "404"},
     "createOrder": {"202", "400", "401", "404", "409", "422", "429", "503"},
-    "getOrder": {"200", "401", "404"},
-    "cancelOrder": {"200", "401", "404", "409"},
-    "payOrder": {"201", "400", "401", "404", "409", "503"},
+    "getOrder": {"200", "401", "404", "429"},
+    "cancelOrder": {"200", "401", "404", "409", "429"},
+    "payOrder": {"201", "400", "401", "404", "409", "429", "503"},
     "paymentWebhook": {"200", "400", "503"},
     "settlePayment": {"200", "400", "401", "404"},
     "healthz": {"200"},
@@ -61,6 +61,11 @@ EXPECTED_STATUSES: dict[str, set[str]] = {
     "streamAdminEvents": {"200", "401", "503"},
     "adminDashboard": {"200"},
 }
+
+# Answers the front can give to any request (web/front.py: the head and body timeouts,
+# the connection cap), and every buyer request (web/admission.py: the rate limits).
+FRONT_STATUSES = {"408": {"request_timeout"}, "503": {"unavailable"}}
+BUYER_OPERATIONS = ("createOrder", "getOrder", "cancelOrder", "payOrder")
 
 # Error codes the contract names, per (operationId, status).
 EXPECTED_ERROR_CODES: dict[tuple[str, str], set[str]] = {
@@ -84,6 +89,9 @@ EXPECTED_ERROR_CODES: dict[tuple[str, str], set[str]] = {
     ("paymentWebhook", "400"): {"invalid_signature", "invalid_request"},
     ("settlePayment", "404"): {"payment_not_found"},
 }
+
+for _operation_id in BUYER_OPERATIONS:
+    EXPECTED_ERROR_CODES[(_operation_id, "429")] = {"rate_limited"}
 
 # Non-2xx responses whose body is not the error envelope, by contract.
 NON_ENVELOPE_ERRORS = {("readyz", "503")}
@@ -244,6 +252,21 @@ def test_security_schemes(doc: JSONObject) -> None:
     assert "security" not in doc  # applied per operation only
 
 
+@pytest.mark.parametrize("operation_id", sorted(EXPECTED_STATUSES))
+def test_front_answers_documented_everywhere(doc: JSONObject, operation_id: str) -> None:
+    """408 request_timeout and the connection cap's 503 unavailable can answer any request."""
+    responses = _by_id(doc)[operation_id]["responses"]
+    for status, codes in FRONT_STATUSES.items():
+        assert status in responses, (operation_id, status)
+        response = responses[status]
+        if (operation_id, status) in NON_ENVELOPE_ERRORS:  # readyz 503: Readiness or Error
+            schemas = _schema_of(doc, response)["anyOf"]
+            assert doc["components"]["schemas"]["Error"] in [_resolve(doc, s) for s in schemas]
+            continue
+        found = _error_codes(doc, response)
+        assert found is not None and codes <= found, (operation_id, status, found)
+
+
 @pytest.mark.parametrize(("operation_id", "statuses"), sorted(EXPECTED_STATUSES.items()))
 def test_documented_statuses(doc: JSONObject, operation_id: str, statuses: set[str]) -> None:
     responses = _by_id(doc)[operation_id]["responses"]
@@ -276,7 +299,7 @@ def test_error_schema_shape(doc: JSONObject) -> None:
     error = doc["components"]["schemas"]["Error"]
     assert error["required"] == ["error"]
     assert error["additionalProperties"] is False
-    inner = error["properties"]["error"]
+    inner = _resolve(doc, error["properties"]["error"])  # a component of its own (ErrorDetail)
     assert inner["type"] == "object"
     assert sorted(inner["required"]) == ["code", "message"]
     assert inner["additionalProperties"] is False
@@ -582,7 +605,10 @@ def test_operations_endpoints(doc: JSONObject) -> None:
         "$ref": "#/components/schemas/Health"
     }
     ready_503 = _schema_of(doc, ops["readyz"]["responses"]["503"])
-    assert _resolve(doc, ready_503) is doc["components"]["schemas"]["Readiness"]
+    # not ready (Readiness), or the front's connection cap (the error envelope)
+    assert [_resolve(doc, s) for s in ready_503["anyOf"]] == [
+        doc["components"]["schemas"]["Readiness"], doc["components"]["schemas"]["Error"]
+    ]
 
 
 # --------------------------------------------------------------------------- links

@@ -1,0 +1,107 @@
+"""Every body the server answers fits the shape the OpenAPI document publishes for it.
+
+The handlers build their bodies as dicts; the document's schemas come from
+the response shapes (flashsale/schemas/responses.py). Each answer of a full
+order's life, through real HTTP, Redis and PostgreSQL, is converted through
+its shape in msgspec's strict mode (exact types, no unknown field, every
+required field): a field added to a body and not to its shape, or the other
+way round, fails here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from flashsale.schemas import bounds, responses
+from tests.support import Api
+
+
+def fits(shape: type[Any], body: Any) -> None:
+    try:
+        msgspec.convert(body, shape, strict=True)
+    except msgspec.ValidationError as exc:
+        raise AssertionError(f"{shape.__name__}: {exc}\n{body!r}") from None
+
+
+async def test_every_answer_fits_its_shape(api: Api) -> None:
+    sale = await api.create_sale(stock=5, per_user_limit=5, price_cents=250)
+    fits(responses.Sale, sale)
+    sid = sale["sale_id"]
+    status, body, _ = await api.request("GET", f"/api/v1/sales/{sid}")
+    assert status == 200
+    fits(responses.Sale, body)
+    status, body, _ = await api.request(
+        "POST", f"/api/v1/sales/{sid}/restock", json={"quantity": 2}, headers=api.admin
+    )
+    assert status == 200
+    fits(responses.Sale, body)
+
+    status, accepted = await api.reserve(sid, "alice", 2, key="k-1")
+    assert status == 202
+    fits(responses.OrderAccepted, accepted)
+    oid = accepted["order_id"]
+    alice = api.buyer("alice")
+    status, body, _ = await api.request("GET", f"/api/v1/orders/{oid}", headers=alice)
+    assert status == 200 and body["status"] == "pending"
+    fits(responses.Order, body)
+    await api.drain(sid)
+    status, body, _ = await api.request("GET", f"/api/v1/orders/{oid}", headers=alice)
+    assert status == 200 and body["status"] == "awaiting_payment"
+    fits(responses.Order, body)
+
+    status, pay, _ = await api.request("POST", f"/api/v1/orders/{oid}/pay", headers=alice)
+    assert status == 201
+    fits(responses.Payment, pay)
+    status, settled, _ = await api.request(
+        "POST", f"/api/v1/admin/gateway/payments/{pay['payment_id']}/settle",
+        json={"outcome": "succeeded"}, headers=api.admin,
+    )
+    assert status == 200, settled
+    fits(responses.Settlement, settled)
+    fits(responses.WebhookAck, settled["webhook_response"])
+
+    status, other = await api.reserve(sid, "bob", 1)
+    assert status == 202
+    status, body, _ = await api.request(
+        "POST", f"/api/v1/orders/{other['order_id']}/cancel", headers=api.buyer("bob")
+    )
+    assert status == 200 and body["status"] == "cancelled"
+    fits(responses.Order, body)
+
+    fits(responses.Ledger, await api.ledger(sid))
+    status, body, _ = await api.request("POST", f"/api/v1/sales/{sid}/end", headers=api.admin)
+    assert status == 200 and body["status"] == "ended"
+    fits(responses.Sale, body)
+
+    status, body, _ = await api.request("GET", "/healthz")
+    fits(responses.Health, body)
+    status, body, _ = await api.request("GET", "/readyz")
+    fits(responses.Readiness, body)
+    status, body, _ = await api.request("GET", f"/api/v1/orders/{oid}", headers=api.buyer("eve"))
+    assert status == 404
+    fits(responses.Error, body)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "message"),
+    [
+        # the rule the document states: integers are JSON integer literals
+        (b'{"quantity": 1000000.0}', 400, "quantity must be an integer"),
+        (b'{"quantity": 1e6}', 400, "quantity must be an integer"),
+        (b'{"quantity": 1000001}', 400, f"quantity must be between 1 and {bounds.MAX_QUANTITY}"),
+        (b'{"quantity": 1000000}', 202, None),
+    ],
+)
+async def test_order_quantity_rule_is_the_published_one(
+    api: Api, raw: bytes, status: int, message: str | None
+) -> None:
+    sale = await api.create_sale(stock=bounds.MAX_QUANTITY, per_user_limit=bounds.MAX_QUANTITY)
+    got, body, _ = await api.request(
+        "POST", f"/api/v1/sales/{sale['sale_id']}/orders", data=raw, headers=api.buyer("carol")
+    )
+    assert got == status, body
+    if message is not None:
+        assert body == {"error": {"code": "invalid_request", "message": message}}
