@@ -96,8 +96,9 @@ from flashsale import orders as flashsale_orders
 from flashsale.backends import as_text
 from flashsale.compensate import Compensator
 from flashsale.config import Settings
+from flashsale.core import record
 from flashsale.metrics import Metrics
-from flashsale.persist import Entry, Persister, persist_batch
+from flashsale.persist import Persister, persist_batch
 from tests.chaos.conftest import Figures
 from tests.chaos.history import (
     Fate,
@@ -584,7 +585,7 @@ class LedgerMachine(RuleBasedStateMachine):
         resp: Any = await b.redis.xreadgroup(
             b.settings.consumer_group, name, {b.keys(self.sale_id).stream: ">"}, count=count
         )
-        entries = [Entry.parse(self.sale_id, eid.decode(), fields)
+        entries = [record.from_entry(self.sale_id, eid.decode(), fields)
                    for _stream, items in resp or [] for eid, fields in items]
         if after_commit and entries:
             async with b.pg.acquire() as conn:

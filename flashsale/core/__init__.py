@@ -1,0 +1,1 @@
+"""The pipeline's core: keys, scripts, reserve → stream → persist → release/compensate, ledger."""
