@@ -109,13 +109,10 @@ def _decode(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-def _accepted(
-    sale_id: str, item: _Item, created_ms: int | None, detail: str, replay: bool
-) -> Accepted:
-    """The acceptance (see flashsale/core/record.py) of the item's order; made at
-    ``created_ms`` (None for a replay: the time its order id names)."""
-    if created_ms is None:
-        created_ms = record.created_ms_of(detail.partition("\t")[0])
+def _accepted(sale_id: str, item: _Item, detail: str, replay: bool) -> Accepted:
+    """The item's order from its acceptance (see flashsale/core/record.py),
+    made when its order id says (the batch's now_ms, or the first request's)."""
+    created_ms = record.created_ms_of(detail.partition("\t")[0])
     return Accepted(record.from_acceptance(
         sale_id, item.user_id, item.idempotency_key, created_ms, detail
     ), replay)
@@ -139,14 +136,14 @@ _REFUSED_REPLAY = {code: Refused(cls, replay=True) for code, cls in RESERVE_ERRO
 _KEY_REUSED = _REFUSED[CODE_OF_ERROR[errors.IdempotencyKeyReused.code]]
 
 
-def _outcome(sale_id: str, item: _Item, now_ms: int, code: int, detail: str) -> Outcome:
+def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
     """Map one script result (see lua/reserve_batch.lua) to its outcome."""
     if code == ACCEPTED:
-        return _accepted(sale_id, item, now_ms, detail, replay=False)
+        return _accepted(sale_id, item, detail, replay=False)
     if code == REPLAY:
         _fp, stored_code, stored_detail = detail.split("\n", 2)
         if int(stored_code) == ACCEPTED:
-            return _accepted(sale_id, item, None, stored_detail, replay=True)
+            return _accepted(sale_id, item, stored_detail, replay=True)
         return _REFUSED_REPLAY[int(stored_code)]
     return _REFUSED[code]
 
@@ -303,7 +300,7 @@ class Reserver:
             if code == VOIDED:  # only a late copy of a lost request meets a void
                 item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             else:
-                item.future.set_result(_outcome(sale_id, item, now_ms, code, detail))
+                item.future.set_result(_outcome(sale_id, item, code, detail))
         return None
 
     async def _claim(self, k: SaleKeys, items: list[_Item]) -> list[_Item]:
@@ -354,7 +351,7 @@ class Reserver:
             for item in items:
                 code, detail = found[item.order_id]
                 if code == ACCEPTED:
-                    item.future.set_result(_accepted(sale_id, item, now_ms, detail, replay=False))
+                    item.future.set_result(_accepted(sale_id, item, detail, replay=False))
                 else:
                     item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             return
@@ -446,7 +443,7 @@ class Reserver:
                     Order(
                         item.order_id, sale_id, item.user_id, item.quantity,
                         sale["price_cents"] * item.quantity, now_ms,
-                        now_ms + sale["hold_seconds"] * 1000, None,
+                        now_ms + sale["hold_seconds"] * 1000, item.idempotency_key,
                     )
                     for item in items
                 ], "failed", RELEASE_ACTOR, RELEASE_DETAIL)
@@ -465,7 +462,7 @@ class Reserver:
             if row is not None and row["status"] in HOLDING:  # persisted first: a real order
                 item.future.set_result(Accepted(Order(
                     item.order_id, sale_id, item.user_id, row["quantity"], row["amount_cents"],
-                    now_ms, int(row["expires_at"].timestamp() * 1000), None,
+                    now_ms, int(row["expires_at"].timestamp() * 1000), item.idempotency_key,
                 ), replay=False))
             else:
                 item.future.set_exception(errors.Unavailable(
