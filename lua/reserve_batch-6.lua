@@ -11,8 +11,9 @@ KEYS[1]    sale hash      <p>:{<sale>}:sale     stock, available, pending, limit
                                                 price, starts_ms, ends_ms, hold_ms
 KEYS[2]    users hash     <p>:{<sale>}:users    user_id -> quantity held
 KEYS[3]    holds hash     <p>:{<sale>}:holds    order_id -> "<qty>:<user_id>"
-KEYS[4]    pending hash   <p>:{<sale>}:pending  order_id -> "<user>\t<qty>\t<amount>\t<expires_ms>\t<created_ms>\t<idem>"
-KEYS[5]    stream         <p>:{<sale>}:stream   one entry per accepted order
+KEYS[4]    pending hash   <p>:{<sale>}:pending  order_id -> the order's record (below)
+KEYS[5]    stream         <p>:{<sale>}:stream   one entry per accepted order: o <order_id>,
+                                                r <the order's record>
 KEYS[6]    void zset      <p>:{<sale>}:void     order ids found unreserved after a lost
                                                 reply (resolve_orders-3.lua); never reserved
 KEYS[6+i]  idempotency record of item i (a string key with a TTL); when the
@@ -47,10 +48,14 @@ twice (a client library's retry) reserves each order id at most once.
 
 Idempotency record: "<fingerprint>\n<code>\n<detail>" (detail empty for errors).
 
+The order's record (flashsale/core/record.py owns the layout), one string
+kept in the pending hash and the stream entry alike:
+  "<user>\t<qty>\t<amount>\t<expires_ms>\t<created_ms>\t<idempotency key or empty>"
+
 Guarantee: available never goes below 0; a buyer's held quantity never
 exceeds the limit; one key yields at most one order; one order id is reserved
 at most once, and never after it was voided; each accepted order is in holds,
-pending and the stream, all written together.
+pending and the stream (the same record in both), all written together.
 ]]
 
 local sale_key, users_key, holds_key, pending_key, stream_key, void_key =
@@ -143,11 +148,10 @@ for i = 1, n do
       redis.call('HSET', holds_key, order_id, qty .. ':' .. user)
       local amount_s = string.format('%d', amount)
       local expires_s = string.format('%d', expires_ms)
-      local now_s = string.format('%d', now_ms)
-      redis.call('HSET', pending_key, order_id,
-        user .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s .. '\t' .. now_s .. '\t' .. idem_text)
-      redis.call('XADD', stream_key, '*', 'o', order_id, 'u', user, 'q', qty, 'a', amount_s,
-        'e', expires_s, 'c', now_s, 'k', idem_text)
+      local record = user .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s .. '\t'
+        .. string.format('%d', now_ms) .. '\t' .. idem_text
+      redis.call('HSET', pending_key, order_id, record)
+      redis.call('XADD', stream_key, '*', 'o', order_id, 'r', record)
       detail = order_id .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s
     end
   end

@@ -7,39 +7,20 @@ unknown id.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from flashsale import errors, validate
-from flashsale.core import compensate
+from flashsale.core import record, release
 from flashsale.core.backends import Backends, Conn
+from flashsale.core.record import Order
 
 ORDER_COLUMNS = (
     "order_id, sale_id, user_id, quantity, amount_cents, status, expires_at, "
     "payment_id, shipment_id, tracking_number, idempotency_key, created_at"
 )
 CANCEL_RETRIES = 3
-
-
-@dataclass(frozen=True, slots=True)
-class PendingOrder(compensate.Unpersisted):
-    """An accepted order still in Redis (see lua/reserve_batch-6.lua, pending hash)."""
-
-    @classmethod
-    def parse(cls, order_id: str, sale_id: str, raw: str) -> PendingOrder:
-        user, qty, amount, expires, created, key = raw.split("\t", 5)
-        return cls(order_id, sale_id, user, int(qty), int(amount), int(created), int(expires),
-                   key or None)
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "order_id": self.order_id, "sale_id": self.sale_id, "user_id": self.user_id,
-            "quantity": self.quantity, "amount_cents": self.amount_cents, "status": "pending",
-            "expires_at": validate.iso_ms(self.expires_ms), "payment_id": None,
-            "shipment_id": None, "tracking_number": None,
-        }
 
 
 def render(row: asyncpg.Record) -> dict[str, Any]:
@@ -62,17 +43,21 @@ async def fetch_row(
     return row
 
 
-async def fetch_pending(b: Backends, order_id: str, sale_id: str) -> PendingOrder | None:
+async def fetch_pending(b: Backends, order_id: str, sale_id: str) -> Order | None:
+    """An accepted order still in Redis (its record in the pending hash)."""
     raw = await b.redis.hget(b.keys(sale_id).pending, order_id)
     if raw is None:
         return None
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return PendingOrder.parse(order_id, sale_id, text)
+    return record.from_record(sale_id, order_id, raw)
+
+
+def pending_body(o: Order) -> dict[str, Any]:
+    return {**o.body(), "payment_id": None, "shipment_id": None, "tracking_number": None}
 
 
 async def locate(
     b: Backends, order_id: str, user_id: str
-) -> tuple[asyncpg.Record | None, PendingOrder | None]:
+) -> tuple[asyncpg.Record | None, Order | None]:
     """The order from PostgreSQL, else from Redis (pending), else PostgreSQL again
     (the consumer may have persisted it in between). 404 unless it is the buyer's."""
     sale_id = validate.order_sale_id(order_id)
@@ -95,7 +80,7 @@ async def get(b: Backends, order_id: str, user_id: str) -> dict[str, Any]:
     if row is not None:
         return await with_payment_id(b, render(row))
     assert pending is not None
-    return await with_payment_id(b, pending.body())
+    return await with_payment_id(b, pending_body(pending))
 
 
 async def with_payment_id(b: Backends, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,30 +92,19 @@ async def with_payment_id(b: Backends, body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-async def _cancel_pending(b: Backends, p: PendingOrder) -> bool:
-    """Record a pending order as cancelled before the consumer persists it."""
-    return await compensate.release_unpersisted(
-        b, p, "cancelled", f"buyer:{p.user_id}", "cancelled while pending"
-    )
-
-
 async def cancel(b: Backends, order_id: str, user_id: str) -> dict[str, Any]:
+    actor = f"buyer:{user_id}"
     for _ in range(CANCEL_RETRIES):
         row, pending = await locate(b, order_id, user_id)
         if pending is not None:
-            if not await _cancel_pending(b, pending):
+            if not await release.release_unpersisted(
+                b, [pending], "cancelled", actor, "cancelled while pending"
+            ):
                 continue  # persisted meanwhile: go again through PostgreSQL
-        elif row is not None:
-            done = await compensate.release(
-                b, order_id, "cancelled", f"buyer:{user_id}", from_statuses=("awaiting_payment",)
+        elif row is not None and await release.release(b, order_id, "cancelled", actor) is None:
+            raise errors.OrderNotCancellable(
+                f"an order in status {row['status']} cannot be cancelled"
             )
-            if done is None:
-                raise errors.OrderNotCancellable(
-                    f"an order in status {row['status']} cannot be cancelled"
-                )
-        sale_id = validate.order_sale_id(order_id)
-        assert sale_id is not None
-        await compensate.release_in_redis(b, order_id, sale_id)
         final = await fetch_row(b, order_id)
         assert final is not None
         return await with_payment_id(b, render(final))

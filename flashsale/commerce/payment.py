@@ -48,8 +48,9 @@ from redis.exceptions import RedisError
 
 from flashsale import errors, validate
 from flashsale.commerce import orders
-from flashsale.core import compensate, events
+from flashsale.core import events, release
 from flashsale.core.backends import Backends, Conn
+from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASED
 from flashsale.schemas.bodies import WebhookEvent
 from flashsale.schemas.decode import BodyReader
@@ -129,7 +130,7 @@ LEFT JOIN orders o ON o.order_id = q.order_id
 """
 
 
-def _payable_now(row: asyncpg.Record | None, pending: orders.PendingOrder | None) -> None:
+def _payable_now(row: asyncpg.Record | None, pending: Order | None) -> None:
     now = datetime.now(UTC)
     if row is not None:
         if row["status"] != "awaiting_payment" or row["expires_at"] <= now:
@@ -218,7 +219,7 @@ class Applied:
     sale_id: str | None = None
     payment_id: str | None = None
     amount_cents: int = 0
-    released: compensate.Released | None = None
+    released: release.Released | None = None
 
 
 _INSERT_EVENT = """
@@ -339,9 +340,8 @@ async def _succeeded(
     if order is None:
         reason = "order_missing"
     elif order["status"] == "awaiting_payment":  # past its hold, not swept yet: expire it now
-        released = await compensate.release(
-            b, ev.order_id, "expired", ACTOR, detail="hold expired before the payment",
-            conn=conn,
+        released = await release.transition(
+            conn, ev.order_id, "expired", ACTOR, detail="hold expired before the payment"
         )
         reason = "order_expired"
     elif order["status"] in RELEASED:
@@ -363,11 +363,7 @@ async def _pending_in_redis(b: Backends, order_id: str) -> bool:
 
 async def _after_commit(b: Backends, applied: Applied) -> None:
     if applied.released is not None:
-        r = applied.released
-        try:
-            await compensate.release_in_redis(b, r.order_id, r.sale_id)
-        except (RedisError, OSError) as exc:  # the compensator's outbox sweep finishes it
-            log.warning("release of %s pending in Redis: %r", r.order_id, exc)
+        await release.finish(b, [applied.released])
     if applied.outcome == "paid" and applied.sale_id is not None:
         await events.publish(b, [events.DomainEvent(
             "order_paid", applied.order_id, applied.sale_id,

@@ -28,13 +28,11 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from flashsale.commerce import payment
 from flashsale.commerce.breaker import CircuitOpen
 from flashsale.commerce.integrations import Integrations
 from flashsale.commerce.logistics import Booking
-from flashsale.core import compensate, events
+from flashsale.core import events, release
 from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.commerce.saga")
@@ -164,9 +162,9 @@ class SagaRunner:
         """Compensate: paid -> failed (stock released, sold lowered) and a refund, at once."""
         b = self._b
         async with b.pg.acquire() as conn, conn.transaction():
-            released = await compensate.release(
-                b, c.order_id, "failed", self.name, from_statuses=("paid",),
-                detail="shipment failed", conn=conn,
+            released = await release.transition(
+                conn, c.order_id, "failed", self.name, from_statuses=("paid",),
+                detail="shipment failed",
             )
             if released is not None:
                 await payment.record_refund(conn, c.order_id, "shipment_failed")
@@ -181,10 +179,7 @@ class SagaRunner:
         log.error("order %s: shipment failed after %d attempts (%s); refunded and released",
                   c.order_id, c.attempts, error)
         if released is not None:
-            try:
-                await compensate.release_in_redis(b, released.order_id, released.sale_id)
-            except (RedisError, OSError) as exc:  # the compensator's outbox finishes it
-                log.warning("release of %s pending in Redis: %r", c.order_id, exc)
+            await release.finish(b, [released])
 
     # ----------------------------------------------------------------------- refunds
 

@@ -22,11 +22,12 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from redis.exceptions import ResponseError
 
 from flashsale.core.backends import Backends, as_text
+from flashsale.core.record import Order
 from flashsale.core.statuses import DomainEventType
 
 log = logging.getLogger("flashsale.core.events")
@@ -74,19 +75,6 @@ def _now_ms() -> str:
     return str(int(time.time() * 1000))
 
 
-class _Order(Protocol):
-    @property
-    def order_id(self) -> str: ...
-    @property
-    def sale_id(self) -> str: ...
-    @property
-    def user_id(self) -> str: ...
-    @property
-    def quantity(self) -> int: ...
-    @property
-    def amount_cents(self) -> int: ...
-
-
 async def publish(b: Backends, events: Sequence[DomainEvent]) -> int:
     """Append the events in one call; log and swallow any failure."""
     at_ms = _now_ms()
@@ -114,7 +102,7 @@ async def _append(b: Backends, count: int, args: list[str | int]) -> int:
 
 
 async def publish_accepted(
-    b: Backends, persisted: Iterable[_Order], failed: Iterable[_Order]
+    b: Backends, persisted: Iterable[Order], failed: Iterable[Order]
 ) -> int:
     """After the consumer's commit: accepted for the persisted, released for the failed.
     Packed without a DomainEvent per order: this runs once per drained row."""

@@ -4,8 +4,9 @@
                             starts_ms, ends_ms, hold_ms
     <p>:{<sale>}:users      hash: user_id -> quantity held
     <p>:{<sale>}:holds      hash: order_id -> "<qty>:<user_id>" while it holds stock
-    <p>:{<sale>}:pending    hash: order_id -> order fields until persisted
-    <p>:{<sale>}:stream     stream of accepted orders, consumed by the persister
+    <p>:{<sale>}:pending    hash: order_id -> its record (core/record.py) until persisted
+    <p>:{<sale>}:stream     stream of accepted orders (o <order_id>, r <record>),
+                            consumed by the persister
     <p>:{<sale>}:restocks   set of restock ids applied
     <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
     <p>:{<sale>}:void       sorted set: order ids found unreserved after a lost

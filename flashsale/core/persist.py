@@ -23,16 +23,16 @@ import contextlib
 import logging
 import random
 from collections import defaultdict
-from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any
 
 import asyncpg
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flashsale.core import events, live_sales
+from flashsale.core import events, live_sales, record, release
 from flashsale.core.backends import Backends, Conn, as_text
+from flashsale.core.record import Order
 from flashsale.core.sales import stream_pos
 from flashsale.ops.metrics import Metrics
 
@@ -47,70 +47,6 @@ ATTEMPTS_TRACKED_MAX = 100_000
 TX_RETRIES = 3  # tries of one transaction PostgreSQL rolled back (deadlock, serialization)
 TX_RETRY_PAUSE_S = (0.01, 0.1)  # jittered pause between those tries
 
-
-class PoisonEntry(Exception):
-    """A stream entry that cannot be parsed."""
-
-
-class Entry(NamedTuple):
-    """One accepted order as the stream carries it (a tuple: made once per drained row)."""
-
-    sale_id: str
-    entry_id: str
-    order_id: str
-    user_id: str
-    quantity: int
-    amount_cents: int
-    created_ms: int
-    expires_ms: int
-    idempotency_key: str | None
-
-    @classmethod
-    def parse(cls, sale_id: str, entry_id: str, fields: dict[bytes, bytes]) -> Entry:
-        try:
-            qty = int(fields[b"q"])
-            amount = int(fields[b"a"])
-            if qty < 1 or amount < 0:
-                raise ValueError("bad quantity or amount")
-            key = fields[b"k"].decode()
-            return cls(
-                sale_id=sale_id,
-                entry_id=entry_id,
-                order_id=fields[b"o"].decode(),
-                user_id=fields[b"u"].decode(),
-                quantity=qty,
-                amount_cents=amount,
-                created_ms=int(fields[b"c"]),
-                expires_ms=int(fields[b"e"]),
-                idempotency_key=key or None,
-            )
-        except (KeyError, ValueError, UnicodeDecodeError) as exc:
-            raise PoisonEntry(f"{entry_id}: {exc!r}") from exc
-
-
-def _ts(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
-_INSERT = """
-INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
-                    idempotency_key, created_at, expires_at)
-SELECT o, s, u, q, a, 'awaiting_payment', k,
-       to_timestamp(c::float8 / 1000), to_timestamp(e::float8 / 1000)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::text[],
-            $7::bigint[], $8::bigint[]) AS t(o, s, u, q, a, k, c, e)
-ON CONFLICT DO NOTHING
-RETURNING order_id, sale_id, quantity
-"""
-
-_INSERT_FAILED = """
-INSERT INTO orders (order_id, sale_id, user_id, quantity, amount_cents, status,
-                    idempotency_key, created_at, expires_at)
-VALUES ($1, $2, $3, $4, $5, 'failed', $6, $7, $8)
-ON CONFLICT (order_id) DO NOTHING
-RETURNING order_id
-"""
-
 _DEDUCT = """
 UPDATE sales SET sold = sold + $2,
     persisted_stream_ms = GREATEST(persisted_stream_ms, $3),
@@ -120,29 +56,15 @@ UPDATE sales SET sold = sold + $2,
 WHERE sale_id = $1 AND sold + $2 <= stock RETURNING sold
 """  # with the stream watermark (sales.stream_pos): never lowered
 
-_RECORD_FAILED = """
-WITH f AS (UPDATE orders SET status = 'failed', updated_at = now()
-           WHERE order_id = $1 AND status = 'awaiting_payment' RETURNING order_id)
-INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail)
-SELECT $1, $2, $3, 'failed', $4, $5 FROM f
-ON CONFLICT (order_id) DO NOTHING
-"""
 
-
-async def persist_batch(conn: Conn, entries: list[Entry], actor: str) -> list[Entry]:
+async def persist_batch(conn: Conn, entries: list[Order], actor: str) -> list[Order]:
     """Persist entries in ONE transaction. Returns the orders that failed their
     final deduction (recorded as failed with a release row, to compensate)."""
-    failed: list[Entry] = []
+    failed: list[Order] = []
     by_id = {e.order_id: e for e in entries}
     async with conn.transaction():
-        inserted = await conn.fetch(
-            _INSERT,
-            [e.order_id for e in entries], [e.sale_id for e in entries],
-            [e.user_id for e in entries], [e.quantity for e in entries],
-            [e.amount_cents for e in entries], [e.idempotency_key for e in entries],
-            [e.created_ms for e in entries], [e.expires_ms for e in entries],
-        )
-        per_sale: dict[str, list[Entry]] = defaultdict(list)
+        inserted = await record.insert(conn, entries, "awaiting_payment")
+        per_sale: dict[str, list[Order]] = defaultdict(list)
         for row in inserted:
             per_sale[row["sale_id"]].append(by_id[row["order_id"]])
         for sale_id in sorted(per_sale):  # fixed lock order
@@ -152,9 +74,9 @@ async def persist_batch(conn: Conn, entries: list[Entry], actor: str) -> list[En
                 continue
             for e in batch:  # slow path: deduct order by order, fail what does not fit
                 if await conn.fetchval(_DEDUCT, sale_id, e.quantity, *stream_pos([e])) is None:
-                    await conn.execute(
-                        _RECORD_FAILED, e.order_id, sale_id, e.quantity, actor,
-                        "final deduction refused: sold would pass stock",
+                    await release.transition(
+                        conn, e.order_id, "failed", actor, sold_counted=False,
+                        detail="final deduction refused: sold would pass stock",
                     )
                     failed.append(e)
         failed += await _fail_duplicates(conn, entries, {r["order_id"] for r in inserted}, actor)
@@ -162,8 +84,8 @@ async def persist_batch(conn: Conn, entries: list[Entry], actor: str) -> list[En
 
 
 async def _fail_duplicates(
-    conn: Conn, entries: list[Entry], inserted: set[str], actor: str
-) -> list[Entry]:
+    conn: Conn, entries: list[Order], inserted: set[str], actor: str
+) -> list[Order]:
     """Entries neither inserted now nor present already collided on the unique
     (sale, buyer, idempotency key): Redis lost the key's record. Fail them."""
     missing = [e for e in entries if e.order_id not in inserted]
@@ -176,20 +98,8 @@ async def _fail_duplicates(
             [e.order_id for e in missing],
         )
     }
-    failed = []
-    for e in missing:
-        if e.order_id in present:
-            continue
-        await conn.execute(
-            _INSERT_FAILED, e.order_id, e.sale_id, e.user_id, e.quantity, e.amount_cents,
-            e.idempotency_key, _ts(e.created_ms), _ts(e.expires_ms),
-        )
-        await conn.execute(
-            "INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail) "
-            "VALUES ($1, $2, $3, 'failed', $4, $5) ON CONFLICT (order_id) DO NOTHING",
-            e.order_id, e.sale_id, e.quantity, actor, "duplicate idempotency key",
-        )
-        failed.append(e)
+    failed = [e for e in missing if e.order_id not in present]
+    await release.record_unpersisted(conn, failed, "failed", actor, "duplicate idempotency key")
     return failed
 
 
@@ -404,17 +314,17 @@ class Persister:
         times = {as_text(p["message_id"]): int(p["times_delivered"]) for p in info}
         bound = s.consumer_max_deliveries
         keep = []
-        retry: list[tuple[tuple[str, str, dict[bytes, bytes]], Entry]] = []
-        dead: list[tuple[tuple[str, str, dict[bytes, bytes]], Entry | None]] = []
+        retry: list[tuple[tuple[str, str, dict[bytes, bytes]], Order]] = []
+        dead: list[tuple[tuple[str, str, dict[bytes, bytes]], Order | None]] = []
         for item in items:
             delivered = times.get(item[1], 0)
             if delivered <= bound:
                 keep.append(item)
                 continue
-            entry: Entry | None
+            entry: Order | None
             try:
-                entry = Entry.parse(self._streams[key], item[1], item[2])
-            except PoisonEntry:
+                entry = record.from_entry(self._streams[key], item[1], item[2])
+            except record.Malformed:
                 entry = None
             if entry is not None and delivered <= 2 * bound:
                 retry.append((item, entry))
@@ -431,7 +341,7 @@ class Persister:
                 keep.append(item)  # committed before its consumer died: ack it as persisted
         return keep
 
-    async def _persist_exhausted(self, entries: list[Entry]) -> set[str]:
+    async def _persist_exhausted(self, entries: list[Order]) -> set[str]:
         """Ids of the entries persisted and acked: all in one transaction when
         PostgreSQL takes them, else each alone."""
         if not entries:
@@ -440,7 +350,7 @@ class Persister:
             return {e.entry_id for e in entries}
         return {e.entry_id for e in entries if await self._persist_now([e]) is None}
 
-    async def _persist_now(self, entries: list[Entry]) -> asyncpg.PostgresError | None:
+    async def _persist_now(self, entries: list[Order]) -> asyncpg.PostgresError | None:
         """Persist entries in one transaction and ack them. Returns PostgreSQL's
         refusal of a row (``_refused``), None when committed. A transaction
         PostgreSQL rolled back (deadlock, serialization failure) is tried again
@@ -464,7 +374,7 @@ class Persister:
             return None
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
-    async def _tombstone(self, e: Entry) -> bool:
+    async def _tombstone(self, e: Order) -> bool:
         """Before an entry is dead-lettered, record its order as failed (with
         its release row) so that no consumer can persist it afterwards. False
         when the order is in PostgreSQL otherwise: a consumer committed it (and
@@ -472,22 +382,13 @@ class Persister:
         released. PostgreSQL refusing the row itself means no consumer can
         write the order either: True. Any other failure is raised."""
         try:
-            async with self._b.pg.acquire() as conn, conn.transaction():
-                inserted = await conn.fetchval(
-                    _INSERT_FAILED, e.order_id, e.sale_id, e.user_id, e.quantity,
-                    e.amount_cents, e.idempotency_key, _ts(e.created_ms), _ts(e.expires_ms),
+            if not await release.record_unpersisted(
+                self._b.pg, [e], "failed", self.name, "dead-lettered: delivered too many times"
+            ):  # failed already (an earlier attempt died): go on
+                status = await self._b.pg.fetchval(
+                    "SELECT status FROM orders WHERE order_id = $1", e.order_id
                 )
-                if inserted is None:  # failed already (an earlier attempt died): go on
-                    status = await conn.fetchval(
-                        "SELECT status FROM orders WHERE order_id = $1", e.order_id
-                    )
-                    return bool(status == "failed")
-                await conn.execute(
-                    "INSERT INTO releases (order_id, sale_id, quantity, reason, actor, detail) "
-                    "VALUES ($1, $2, $3, 'failed', $4, 'dead-lettered: delivered too many times') "
-                    "ON CONFLICT (order_id) DO NOTHING",
-                    e.order_id, e.sale_id, e.quantity, self.name,
-                )
+                return bool(status == "failed")
         except asyncpg.PostgresError as exc:
             if not _refused(exc):
                 raise
@@ -499,7 +400,7 @@ class Persister:
             return status is None or status == "failed"
         return True
 
-    async def _dead_letter_checked(self, e: Entry, reason: str) -> bool:
+    async def _dead_letter_checked(self, e: Order, reason: str) -> bool:
         """The one way a parsed entry is dead-lettered: only once PostgreSQL
         has recorded its order as failed (``_tombstone``). False, with nothing
         done, when PostgreSQL has the order: the caller acks it as persisted."""
@@ -511,11 +412,11 @@ class Persister:
     async def handle(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> int:
         if not batch:
             return 0
-        entries: list[Entry] = []
+        entries: list[Order] = []
         for key, entry_id, fields in batch:
             try:
-                entries.append(Entry.parse(self._streams[key], entry_id, fields))
-            except PoisonEntry as exc:
+                entries.append(record.from_entry(self._streams[key], entry_id, fields))
+            except record.Malformed as exc:
                 await self._dead_letter(self._streams[key], entry_id, None, str(exc), fields)
         known = await self._known_sales({e.sale_id for e in entries})
         for e in [e for e in entries if e.sale_id not in known]:
@@ -529,7 +430,7 @@ class Persister:
             return await self._one_by_one(entries) + len(batch) - len(entries)
         return len(batch)
 
-    async def _one_by_one(self, entries: list[Entry]) -> int:
+    async def _one_by_one(self, entries: list[Order]) -> int:
         """Each entry alone: one PostgreSQL refuses ``consumer_max_deliveries``
         times is dead-lettered (unless PostgreSQL has its order: then it is
         acked as persisted). A failure that is not a refusal raises."""
@@ -548,9 +449,9 @@ class Persister:
                 self._attempts[e.entry_id] = attempts
         return len(entries)
 
-    async def _after_commit(self, entries: list[Entry], failed: list[Entry]) -> None:
+    async def _after_commit(self, entries: list[Order], failed: list[Order]) -> None:
         """Ack what is committed, then return the stock of orders that failed."""
-        per_sale: dict[str, list[Entry]] = defaultdict(list)
+        per_sale: dict[str, list[Order]] = defaultdict(list)
         for e in entries:
             per_sale[e.sale_id].append(e)
         for sale_id, items in per_sale.items():
@@ -562,9 +463,7 @@ class Persister:
         self._m.orders_persisted.inc(len(entries) - len(failed))
         await events.publish_accepted(self._b, entries, failed)  # best effort, never raises
         if failed:
-            from flashsale.core.compensate import release_many_in_redis
-
-            await release_many_in_redis(self._b, [(e.order_id, e.sale_id) for e in failed])
+            await release.in_redis(self._b, [(e.order_id, e.sale_id) for e in failed])
             self._m.orders_failed.inc(len(failed))
 
     async def _known_sales(self, sale_ids: set[str]) -> set[str]:
@@ -574,7 +473,7 @@ class Persister:
         return {r["sale_id"] for r in rows}
 
     async def _dead_letter(
-        self, sale_id: str, entry_id: str, entry: Entry | None, reason: str,
+        self, sale_id: str, entry_id: str, entry: Order | None, reason: str,
         fields: dict[bytes, bytes],
     ) -> None:
         k = self._b.keys(sale_id)
@@ -584,7 +483,8 @@ class Persister:
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.dlq],
             args=[
                 self._b.settings.consumer_group, entry_id, order_id,
-                entry.quantity if entry else _qty_of(fields), reason[:500], raw[:2000], DLQ_MAXLEN,
+                entry.quantity if entry else record.quantity_of(fields), reason[:500],
+                raw[:2000], DLQ_MAXLEN,
             ],
         )
         if int(moved):
@@ -630,8 +530,3 @@ def _transient(exc: BaseException) -> bool:
     )
 
 
-def _qty_of(fields: dict[bytes, bytes]) -> int:
-    try:
-        return max(0, int(fields.get(b"q", b"0")))
-    except ValueError:
-        return 0

@@ -12,7 +12,7 @@ nothing was reserved: the order ids are made before the call, so
 ``resolve_orders`` tells, in one atomic step, which were reserved (202) and
 voids the others (never reserved afterwards: a late copy of the request is
 refused). When Redis cannot be asked, a keyless order is released through the
-compensator's protocol for unpersisted orders; a keyed one is 503 "outcome
+release protocol for unpersisted orders; a keyed one is 503 "outcome
 unknown, retry with the same key". The happy path pays nothing for this.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +36,19 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
+from flashsale.core import record, release
 from flashsale.core.backends import Backends, as_text
-from flashsale.core.compensate import Unpersisted, release_many_in_redis, release_many_unpersisted
 from flashsale.core.keys import SaleKeys
-from flashsale.core.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS, VOIDED, ReserveCode
+from flashsale.core.record import Order
+from flashsale.core.record import new_order_id as new_order_id
+from flashsale.core.scripts import (
+    ACCEPTED,
+    REPLAY,
+    RESERVE_ERRORS,
+    VOIDED,
+    ReserveCode,
+)
 from flashsale.core.statuses import HOLDING
-from flashsale.validate import iso_ms
 
 log = logging.getLogger("flashsale.core.reserve")
 
@@ -68,31 +74,24 @@ CLAIM_MARGIN_S = 300  # a cluster key claim outlives the sale's record it guards
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # the packing's separators and the records'
 
 
-def new_order_id(sale_id: str, now_ms: int) -> str:
-    """Time-ordered, globally unique, and names its sale (routing in Redis)."""
-    return f"{sale_id}-{now_ms:011x}{secrets.token_hex(5)}"
-
-
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    order_id: str
-    sale_id: str
-    user_id: str
-    quantity: int
-    amount_cents: int
-    expires_ms: int
+    """A reservation's acceptance: the order it made, and whether this answer
+    is a replay (from the idempotency key's record)."""
+
+    order: Order
     replay: bool
 
+    @property
+    def order_id(self) -> str:
+        return self.order.order_id
+
+    @property
+    def sale_id(self) -> str:
+        return self.order.sale_id
+
     def body(self) -> dict[str, Any]:
-        return {
-            "order_id": self.order_id,
-            "sale_id": self.sale_id,
-            "user_id": self.user_id,
-            "quantity": self.quantity,
-            "amount_cents": self.amount_cents,
-            "status": "pending",
-            "expires_at": iso_ms(self.expires_ms),
-        }
+        return self.order.body()
 
 
 @dataclass(slots=True)
@@ -111,9 +110,13 @@ def fingerprint(sale_id: str, quantity: int) -> str:
     return f"{sale_id}|{quantity}"
 
 
-def _accepted(sale_id: str, user_id: str, detail: str, replay: bool) -> Accepted:
-    order_id, qty, amount, expires = detail.split("\t")
-    return Accepted(order_id, sale_id, user_id, int(qty), int(amount), int(expires), replay)
+def _accepted(sale_id: str, item: _Item, detail: str, replay: bool) -> Accepted:
+    """The item's order from its acceptance (see flashsale/core/record.py),
+    made when its order id says (the batch's now_ms, or the first request's)."""
+    created_ms = record.created_ms_of(detail.partition("\t")[0])
+    return Accepted(record.from_acceptance(
+        sale_id, item.user_id, item.idempotency_key, created_ms, detail
+    ), replay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +140,11 @@ _KEY_REUSED = _REFUSED[ReserveCode.KEY_REUSED]
 def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
     """Map one script result (see lua/reserve_batch-6.lua) to its outcome."""
     if code == ACCEPTED:
-        return _accepted(sale_id, item.user_id, detail, replay=False)
+        return _accepted(sale_id, item, detail, replay=False)
     if code == REPLAY:
         _fp, stored_code, stored_detail = detail.split("\n", 2)
         if int(stored_code) == ACCEPTED:
-            return _accepted(sale_id, item.user_id, stored_detail, replay=True)
+            return _accepted(sale_id, item, stored_detail, replay=True)
         return _REFUSED_REPLAY[int(stored_code)]
     return _REFUSED[code]
 
@@ -346,7 +349,7 @@ class Reserver:
             for item in items:
                 code, detail = found[item.order_id]
                 if code == ACCEPTED:
-                    item.future.set_result(_accepted(sale_id, item.user_id, detail, replay=False))
+                    item.future.set_result(_accepted(sale_id, item, detail, replay=False))
                 else:
                     item.future.set_exception(errors.Unavailable(NOT_RESERVED))
             return
@@ -416,7 +419,7 @@ class Reserver:
 
     async def _release_unknown(self, sale_id: str, items: list[_Item], now_ms: int) -> None:
         """Keyless items whose outcome Redis could not tell are released with the
-        compensator's protocol for orders not yet persisted: the order row goes
+        release protocol for orders not yet persisted (core/release.py): the order row goes
         in already ``failed``, with its release row, ``ON CONFLICT DO NOTHING``
         -- the consumer's later insert of the stream entry then does nothing --
         and its hold, if the script ran, goes back through release.lua (now, or
@@ -434,11 +437,11 @@ class Reserver:
                 )
                 if sale is None:
                     raise LookupError(f"sale {sale_id} is not in PostgreSQL")
-                inserted = await release_many_unpersisted(b, [
-                    Unpersisted(
+                inserted = await release.record_unpersisted(b.pg, [
+                    Order(
                         item.order_id, sale_id, item.user_id, item.quantity,
                         sale["price_cents"] * item.quantity, now_ms,
-                        now_ms + sale["hold_seconds"] * 1000, None,
+                        now_ms + sale["hold_seconds"] * 1000, item.idempotency_key,
                     )
                     for item in items
                 ], "failed", RELEASE_ACTOR, RELEASE_DETAIL)
@@ -455,10 +458,10 @@ class Reserver:
         for item in items:
             row = rows.get(item.order_id)
             if row is not None and row["status"] in HOLDING:  # persisted first: a real order
-                item.future.set_result(Accepted(
+                item.future.set_result(Accepted(Order(
                     item.order_id, sale_id, item.user_id, row["quantity"], row["amount_cents"],
-                    int(row["expires_at"].timestamp() * 1000), replay=False,
-                ))
+                    now_ms, int(row["expires_at"].timestamp() * 1000), item.idempotency_key,
+                ), replay=False))
             else:
                 item.future.set_exception(errors.Unavailable(
                     RELEASED if item.order_id in inserted else NOT_RESERVED
@@ -476,7 +479,7 @@ class Reserver:
             return
         try:
             async with asyncio.timeout(s.redis_timeout_s + s.pg_timeout_s):
-                await release_many_in_redis(self._b, [(oid, sale_id) for oid in order_ids])
+                await release.in_redis(self._b, [(oid, sale_id) for oid in order_ids])
         except (RedisError, OSError, asyncpg.PostgresError, TimeoutError) as exc:
             log.warning("release of %d orders left to the outbox: %r", len(order_ids), exc)
 

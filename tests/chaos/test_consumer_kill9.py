@@ -26,8 +26,9 @@ from urllib.parse import urlsplit
 import pytest
 
 from flashsale.config import Settings
+from flashsale.core import record
 from flashsale.core.backends import Backends
-from flashsale.core.persist import Entry, Persister, persist_batch
+from flashsale.core.persist import Persister, persist_batch
 from flashsale.core.reserve import Accepted, Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
@@ -197,7 +198,7 @@ async def test_committed_entry_past_max_deliveries_is_acked_not_dead_lettered(
             s.consumer_group, "ghost", {k.stream: ">"}, count=10
         )
         (eid, fields), = got[0][1]
-        entry = Entry.parse(sid, eid.decode(), fields)
+        entry = record.from_entry(sid, eid.decode(), fields)
         async with direct.pg.acquire() as conn:
             assert await persist_batch(conn, [entry], "ghost") == []
         # ... max_deliveries times over: the delivery counter passes the bound
@@ -230,7 +231,7 @@ async def test_exhausted_entry_dead_lettered_once_across_a_crash(
         k = direct.keys(sid)
         got: Any = await direct.redis.xreadgroup(s.consumer_group, "ghost", {k.stream: ">"})
         (eid, fields), = got[0][1]
-        entry = Entry.parse(sid, eid.decode(), fields)
+        entry = record.from_entry(sid, eid.decode(), fields)
         await direct.redis.xclaim(  # past twice the bound: no more tries, dead-letter it
             k.stream, s.consumer_group, "ghost", 0, [eid], idle=60_000,
             retrycount=2 * s.consumer_max_deliveries + 1,

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 import pytest
 
 from flashsale.config import Settings
-from flashsale.core import compensate
+from flashsale.core import release
 from flashsale.core.backends import Backends, open_backends
 from flashsale.core.compensate import Compensator
 from flashsale.core.persist import Persister
@@ -124,7 +124,7 @@ async def test_two_compensators_at_once(
         held = await _reserve(api, outbox_sale, "held", 40)
         await api.drain(outbox_sale)
         for oid in held:  # released in PostgreSQL only: outbox rows for the sweep
-            assert await compensate.release(direct, oid, "cancelled", "test") is not None
+            assert await release.transition(direct.pg, oid, "cancelled", "test") is not None
         await asyncio.sleep(1.2)  # holds due, outbox rows past their grace
 
         async with _own_backends(chaos_settings) as b1, _own_backends(chaos_settings) as b2:

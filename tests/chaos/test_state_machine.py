@@ -94,9 +94,10 @@ from hypothesis.stateful import (
 
 from flashsale.commerce import orders as flashsale_orders
 from flashsale.config import Settings
+from flashsale.core import record
 from flashsale.core.backends import as_text
 from flashsale.core.compensate import Compensator
-from flashsale.core.persist import Entry, Persister, persist_batch
+from flashsale.core.persist import Persister, persist_batch
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.faults import TcpProxy
@@ -584,7 +585,7 @@ class LedgerMachine(RuleBasedStateMachine):
         resp: Any = await b.redis.xreadgroup(
             b.settings.consumer_group, name, {b.keys(self.sale_id).stream: ">"}, count=count
         )
-        entries = [Entry.parse(self.sale_id, eid.decode(), fields)
+        entries = [record.from_entry(self.sale_id, eid.decode(), fields)
                    for _stream, items in resp or [] for eid, fields in items]
         if after_commit and entries:
             async with b.pg.acquire() as conn:

@@ -7,8 +7,8 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from flashsale.core import events, ledger
-from flashsale.core.compensate import Compensator, release_many_in_redis
+from flashsale.core import events, ledger, release
+from flashsale.core.compensate import Compensator
 from flashsale.core.reserve import Accepted, Reserver
 from flashsale.ops.metrics import Metrics
 from tests.support import eventually, running_app, test_settings
@@ -69,7 +69,7 @@ async def test_mass_expiry_releases_each_hold_once(redis_url: str, database_url:
         )
         assert detail == PER_SALE
         # a second release of the same orders changes nothing
-        again = await release_many_in_redis(b, list(accepted.items()))
+        again = await release.in_redis(b, list(accepted.items()))
         assert set(again.values()) == {0}
 
         statuses = Counter(

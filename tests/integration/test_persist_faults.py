@@ -34,8 +34,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from flashsale.core import record
 from flashsale.core.backends import Backends, open_backends
-from flashsale.core.persist import Entry, Persister, persist_batch
+from flashsale.core.persist import Persister, persist_batch
 from flashsale.core.reserve import Accepted, Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.harness import audit
@@ -149,7 +150,7 @@ async def test_entry_committed_by_another_consumer_is_acked_not_dead_lettered(
         k = b.keys(sid)
         got: Any = await b.redis.xreadgroup(s.consumer_group, "alpha", {k.stream: ">"})
         (eid, fields), _poison_item = got[0][1]
-        entry = Entry.parse(sid, eid.decode(), fields)
+        entry = record.from_entry(sid, eid.decode(), fields)
         async with api.backends.pg.acquire() as conn:  # alpha's one-by-one commit, no ack
             assert await persist_batch(conn, [entry], "alpha") == []
 
@@ -213,7 +214,7 @@ async def test_one_by_one_never_dead_letters_an_order_committed_meanwhile(
         await beta._refresh_streams()  # beta knows the sale's stream ...
         got: Any = await b.redis.xreadgroup(s.consumer_group, "beta", {k.stream: ">"})
         batch = [(k.stream, eid.decode(), f) for eid, f in got[0][1]]  # ... and holds both
-        entry = Entry.parse(sid, batch[0][1], batch[0][2])
+        entry = record.from_entry(sid, batch[0][1], batch[0][2])
         assert entry.order_id == body["order_id"]
         async with api.backends.pg.acquire() as conn:  # alpha's commit
             await persist_batch(conn, [entry], "alpha")
