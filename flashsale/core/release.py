@@ -107,7 +107,8 @@ def _released(rows: Iterable[asyncpg.Record]) -> list[Released]:
 
 async def transition(
     runner: Runner, order_id: str, reason: str, actor: str, *,
-    from_statuses: tuple[str, ...] = RELEASABLE, detail: str | None = None, sold_counted: bool = True,
+    from_statuses: tuple[str, ...] = RELEASABLE, detail: str | None = None,
+    sold_counted: bool = True,
 ) -> Released | None:
     """Step 1 for a persisted order: ``from_statuses -> reason`` (cancelled,
     expired, failed), its release row, and ``sold`` lowered unless the order
