@@ -133,15 +133,20 @@ async def _one(r: Redis, scripts: Scripts, aof: str, outcome: str, batch: int,
                   round(all1 - all0, 4), codes)
 
 
+def _reachable(workdir: Path, data: Path) -> None:
+    """The data directory, searchable by the user the embedded servers may run as."""
+    data.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)
+    data.chmod(0o755)
+
+
 async def measure_hot_sku(workdir: Path, decisions: int, quick: bool) -> HotSkuResult:
     """Every (AOF, outcome, batch size) on embedded Redis servers of its own."""
     result = HotSkuResult()
     try:
         for aof in ("everysec", "no"):
             data = workdir / f"hot-redis-{aof}"
-            data.mkdir(parents=True, exist_ok=True)
-            workdir.chmod(0o755)  # the embedded servers may run as another user
-            data.chmod(0o755)
+            await asyncio.to_thread(_reachable, workdir, data)
             extra = ("--appendonly", "no") if aof == "no" else ()
             emb = EmbeddedServers(data, redis=True, postgres=False, redis_args=extra)
             await asyncio.to_thread(emb.start)

@@ -252,6 +252,7 @@ async def run_openloop(
         offered=d["offered"], achieved=d["achieved"], duration_s=d["duration_s"],
         sent=d["sent"], completed=d["completed"], p50_ms=d["p50_ms"], p90_ms=d["p90_ms"],
         p99_ms=d["p99_ms"], p999_ms=d["p999_ms"], max_ms=d["max_ms"],
-        max_send_lag_ms=d["max_send_lag_ms"], status={str(k): int(v) for k, v in d["status"].items()},
+        max_send_lag_ms=d["max_send_lag_ms"],
+        status={str(k): int(v) for k, v in d["status"].items()},
         errors={str(k): int(v) for k, v in d["errors"].items()}, loadgen_cpu_s=d["cpu_s"],
     )
