@@ -18,7 +18,8 @@ The ratios divide by the echo ceiling's front CPU per request in the same run
 The model (bench/README.md): with per-request costs c_p of each process p, a
 front of N processes, one Redis core and PostgreSQL, throughput is
 min over p of (cores given to p) / c_p; on a machine where everything shares
-C cores it is also at most C / Σ c_p (the load generator included). It is
+C cores it is also at most C' / Σ c_p (the load generator included; C' = C less
+the cores the rest of a shared machine kept busy during the run). It is
 checked against the 1- and 2-worker reserve runs of this machine.
 """
 
@@ -111,16 +112,19 @@ def model_check(results: list[SystemResult], accepted: dict[str, float],
                for p in PROCESSES}
         loadgen = per_request(r).get("loadgen", 0.0)
         total = sum(mix.values()) + loadgen
+        # on a shared machine the cores the rest of it kept busy were not ours
+        free = max(0.1, cores - r.median_cores().get("other", 0.0))
         bounds = {
             "fronts": r.workers * 1e6 / mix["front"] if mix["front"] else None,
             "redis_core": 1e6 / mix["redis"] if mix["redis"] else None,
-            "machine_cores": cores * 1e6 / total if total else None,
+            "machine_cores": free * 1e6 / total if total else None,
         }
         finite = [b for b in bounds.values() if b]
         predicted = min(finite) if finite else None
         measured = r.stat("rps")[0]
         out.append({
             "system": r.key, "workers": r.workers, "accepted_share": round(share, 3),
+            "free_cores": round(free, 2),
             "bounds_rps": {k: round(v) if v else None for k, v in bounds.items()},
             "predicted_rps": round(predicted) if predicted else None,
             "measured_rps": round(measured),

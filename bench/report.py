@@ -367,7 +367,8 @@ def markdown_extra(d: dict[str, Any], extras: Extras) -> list[str]:
               "persisting it (see bench/costs.py)."]
     if d["cpu_model_check"]:
         lines += ["", "Model check (bench/README.md): throughput = min(N fronts / front µs, "
-                  "1 Redis core / Redis µs, machine cores / all µs incl. the load generator), "
+                  "1 Redis core / Redis µs, free machine cores / all µs incl. the load generator; "
+                  "free = cores less the rest of the machine's busy share), "
                   "per-request costs mixed by each configuration's 202 share:", "",
                   "| configuration | 202 share | fronts bound | Redis-core bound | "
                   "machine bound | predicted | measured | measured / predicted |",

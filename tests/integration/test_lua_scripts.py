@@ -167,7 +167,8 @@ async def test_ack_trims_the_stream_by_id_never_an_unacked_entry(api: Api) -> No
     assert await acked((e3, "o3"), (e4, "o4")) == 2  # c1's e1, e2 still pending below
     assert await b.redis.xlen(k.stream) == 5
     assert await acked((e1, "o1")) == 1  # e1 trimmed; e2 pending, e3 and e4 wait above it
-    ids = [e for e, _ in await b.redis.xrange(k.stream)]
+    rest: Any = await b.redis.xrange(k.stream)
+    ids = [e for e, _ in rest]
     assert ids[0] == e2 and len(ids) == 4
     assert await acked((e2, "o2")) == 1  # none pending: up to the last delivered (e4)
     left: Any = await b.redis.xrange(k.stream)
