@@ -68,7 +68,12 @@ typecheck: venv
 chaos: venv servers
 	$(BIN)/pytest -q -m chaos tests/chaos
 
-bench: venv servers
+# The open-loop load generator (C, bench/openloop/openloop.c): built here, not committed.
+OPENLOOP := bench/openloop/openloop
+$(OPENLOOP): bench/openloop/openloop.c
+	$${CC:-gcc} -O2 -Wall -Wextra -o $@ $<
+
+bench: venv servers $(OPENLOOP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	bash bench/ensure-wrk.sh
 	$(BIN)/python -m bench.run

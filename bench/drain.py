@@ -41,6 +41,7 @@ class DrainRun:
     backlog_build_s: float
     cpu_cores: dict[str, float]
     check: Check
+    cpu_us_per_row: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(vars(self))
@@ -85,8 +86,10 @@ async def _backlog(b: Backends, orders: int, run: int) -> tuple[str, int]:
     attempts = orders + max(1, orders // 100)
     accepted = 0
 
+    tag = sale_id[-8:]  # Idempotency-Keys are the buyer's, across sales: unique per backlog
+
     async def one(i: int) -> bool:
-        result = await reserver.reserve(sale_id, f"d{run}-{i}", 1, f"drain-{run}-{i}")
+        result = await reserver.reserve(sale_id, f"d{run}-{i}", 1, f"drain-{tag}-{i}")
         return isinstance(result, Accepted)
 
     for start in range(0, attempts, CHUNK):
@@ -145,6 +148,8 @@ async def _drain_one(lab: Lab, b: Backends, run: int) -> DrainRun:
         startup_s=round(first_t - spawned, 3), drain_s=round(end - spawned, 3),
         backlog_build_s=round(built, 2),
         cpu_cores=cpu_cores(cpu, busy), check=check,
+        cpu_us_per_row={k: round(v / first_left * 1e6, 2) for k, v in cpu.items()
+                        if k != "_machine"} if first_left else {},
     )
 
 

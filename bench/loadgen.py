@@ -1,4 +1,5 @@
-"""Load generators: wrk (the real one) and a tiny aiohttp client (``--quick`` fallback).
+"""Load generators: wrk (the real one), a tiny aiohttp client (``--quick`` fallback),
+and the open-loop generator (bench/openloop/openloop.c, constant arrival rate).
 
 Both send the same request — ``POST /api/v1/sales/{sale}/orders`` with a
 random buyer's JWT from the pre-minted pool, a unique Idempotency-Key and
@@ -14,11 +15,13 @@ import json
 import random
 import resource
 import shutil
+import subprocess
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -167,4 +170,89 @@ async def run_python(
         status={str(k): v for k, v in statuses.items()},
         socket_errors=errors,
         loadgen_cpu_s=time.process_time() - cpu0,
+    )
+
+
+# ---------------------------------------------------------------------------
+# open loop: bench/openloop/openloop.c (constant arrival rate, the wrk2 method)
+# ---------------------------------------------------------------------------
+
+OPENLOOP_SRC = Path(__file__).resolve().parent / "openloop" / "openloop.c"
+OPENLOOP_BIN = OPENLOOP_SRC.with_suffix("")
+
+
+def build_openloop() -> Path:
+    """The generator's binary, compiled from its source when missing or older
+    (``make bench`` builds it first; the smoke test comes here)."""
+    fresh = OPENLOOP_BIN.exists() and OPENLOOP_BIN.stat().st_mtime >= OPENLOOP_SRC.stat().st_mtime
+    if not fresh:
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            raise RuntimeError("the open-loop generator needs a C compiler (gcc)")
+        subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-o", str(OPENLOOP_BIN), str(OPENLOOP_SRC)],
+                       check=True, capture_output=True, text=True)
+    return OPENLOOP_BIN
+
+
+@dataclass
+class OpenLoopResult:
+    """One constant-rate run: latencies from each request's due time, in ms."""
+
+    offered: float
+    achieved: float
+    duration_s: float
+    sent: int
+    completed: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    max_send_lag_ms: float  # the generator's own lateness (its saturation), not the server's
+    status: dict[str, int]
+    errors: dict[str, int]
+    loadgen_cpu_s: float
+
+    @property
+    def loadgen_cores(self) -> float:
+        return self.loadgen_cpu_s / self.duration_s if self.duration_s else 0.0
+
+    def count(self, status: int) -> int:
+        return self.status.get(str(status), 0)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["loadgen_cores"] = round(self.loadgen_cores, 3)
+        d["loadgen_cpu_us_per_request"] = (
+            round(self.loadgen_cpu_s / self.sent * 1e6, 1) if self.sent else None)
+        return d
+
+
+async def run_openloop(
+    url: str, tokens_file: Path, *, rate: float, duration_s: float, connections: int,
+    nonce: str, timeout_s: float = 5.0,
+) -> OpenLoopResult:
+    """One open-loop run of ``rate`` requests/s for ``duration_s`` against ``url``."""
+    binary = await asyncio.to_thread(build_openloop)
+    parts = urlsplit(url)
+    argv = [
+        str(binary), "--host", parts.hostname or "127.0.0.1", "--port", str(parts.port or 80),
+        "--path", parts.path, "--rate", f"{rate:.1f}", "--duration", f"{duration_s:g}",
+        "--connections", str(connections), "--tokens", str(tokens_file), "--nonce", nonce,
+        "--timeout-ms", f"{timeout_s * 1000:g}",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"openloop failed ({proc.returncode}): {err.decode()[-2000:]}")
+    d = json.loads(out.decode().strip().splitlines()[-1])
+    return OpenLoopResult(
+        offered=d["offered"], achieved=d["achieved"], duration_s=d["duration_s"],
+        sent=d["sent"], completed=d["completed"], p50_ms=d["p50_ms"], p90_ms=d["p90_ms"],
+        p99_ms=d["p99_ms"], p999_ms=d["p999_ms"], max_ms=d["max_ms"],
+        max_send_lag_ms=d["max_send_lag_ms"],
+        status={str(k): int(v) for k, v in d["status"].items()},
+        errors={str(k): int(v) for k, v in d["errors"].items()}, loadgen_cpu_s=d["cpu_s"],
     )

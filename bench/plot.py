@@ -1,4 +1,4 @@
-"""The bench's figure: throughput and p99 per system, side by side.
+"""The bench's figure: throughput and p99 per system, and open-loop latency vs offered load.
 
 With matplotlib (``pip install matplotlib``; not a dependency of the service)
 it is a labelled two-panel bar chart with min–max whiskers. Without it a plain
@@ -22,8 +22,19 @@ class Bar:
     high: float
 
 
-def plot(throughput: list[Bar], p99_ms: list[Bar], path: Path, title: str) -> str:
+@dataclass(frozen=True)
+class Curve:
+    """One latency percentile of one system against the offered rate (open loop)."""
+
+    label: str
+    offered: list[float]
+    ms: list[float]
+
+
+def plot(throughput: list[Bar], p99_ms: list[Bar], path: Path, title: str,
+         curves: list[Curve] | None = None) -> str:
     """Write the figure; returns "matplotlib" or "fallback" (which renderer made it)."""
+    curves = curves or []
     try:
         import matplotlib
 
@@ -32,7 +43,22 @@ def plot(throughput: list[Bar], p99_ms: list[Bar], path: Path, title: str) -> st
     except ImportError:
         _fallback_png(throughput, p99_ms, path)
         return "fallback"
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    if curves:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 5.4))
+        styles = {"p50": ":", "p99": "-", "p99.9": "--"}
+        for c in curves:
+            system, _, pct = c.label.rpartition(" ")
+            color = "#3b75af" if system == "reserve" else "#999999"
+            ax3.plot(c.offered, c.ms, styles.get(pct, "-"), marker="o", color=color,
+                     label=c.label)
+        ax3.set_xlabel("offered load, requests per second (open loop)")
+        ax3.set_ylabel("latency from the intended send time, ms")
+        ax3.set_yscale("log")
+        ax3.grid(alpha=0.3)
+        ax3.legend(fontsize=8)
+        ax3.set_title("open-loop latency vs offered load", fontsize=9)
+    else:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2))
     for ax, bars, ylabel, color in (
         (ax1, throughput, "requests per second (median, min–max)", "#3b75af"),
         (ax2, p99_ms, "p99 latency, ms (median, min–max)", "#c0504d"),

@@ -116,7 +116,7 @@ async def wait_http(child: Child, url: str, timeout_s: float = 30.0) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -151,7 +151,7 @@ def tree_cpu_s(pid: int) -> float:
     """CPU seconds used by ``pid`` and its descendants (live, and reaped ones)."""
     ticks = 0
     for p in descendants(pid):
-        f = _stat_fields(p)
+        f = stat_fields(p)
         if f is not None:
             # after the ')' : state(0) ... utime(11) stime(12) cutime(13) cstime(14)
             ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
@@ -159,7 +159,7 @@ def tree_cpu_s(pid: int) -> float:
 
 
 def rss_bytes(pid: int) -> int:
-    f = _stat_fields(pid)
+    f = stat_fields(pid)
     return int(f[21]) * PAGE_SIZE if f is not None else 0
 
 

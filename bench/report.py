@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import costs
 from bench.drain import DrainResult
+from bench.history import HistoryResult
+from bench.hotsku import HotSkuResult
+from bench.latency import OpenLoop
 from bench.measure import SystemResult
-from bench.plot import Bar, plot
+from bench.plot import Bar, Curve, plot
 
 TARGETS = {
     "reserve_vs_echo": (">=", 0.75),
@@ -20,6 +24,101 @@ TARGETS = {
     "soldout_vs_echo": (">=", 0.9),
     "drain_vs_reserve": (">=", 10.0),
 }
+# issue 14: CPU as a ratio to the echo ceiling's front CPU per request, open-loop
+# latency, the hot-SKU ceiling, and the cost of history
+TARGETS_14 = {
+    "cpu_order_vs_echo": ("<=", 2.0),
+    "cpu_drain_row_vs_echo": ("<=", 0.4),
+    "open_loop_p99_at_50pct_ms": ("<=", 10.0),
+    "open_loop_p999_at_50pct_ms": ("<=", 25.0),
+    "open_loop_p99_at_80pct_ms": ("<=", 25.0),
+    "hot_sku_accepted_per_core_s": (">=", 100_000.0),
+    "history_reserve_ratio": (">=", 0.95),
+    "history_drain_ratio": (">=", 0.95),
+    "idle_consume_cores_history": ("<=", 0.01),
+    "idle_compensate_cores_history": ("<=", 0.01),
+}
+
+
+@dataclass
+class Extras:
+    """The issue-14 measurements (each None when not run)."""
+
+    open_loop: OpenLoop | None = None
+    hot_sku: HotSkuResult | None = None
+    history: HistoryResult | None = None
+
+
+def _judge(name: str, v: float | None, table: dict[str, tuple[str, float]]) -> dict[str, Any]:
+    op, bound = table[name]
+    ok = None if v is None else (v >= bound if op == ">=" else v <= bound)
+    return {"value": v, "target": f"{op} {bound:g}", "ok": ok}
+
+
+def _level(ol: OpenLoop | None, system: str, share: float) -> dict[str, Any] | None:
+    if ol is None:
+        return None
+    for lv in ol.of(system):
+        if abs(lv.share - share) < 1e-9:
+            return lv.as_dict()
+    return None
+
+
+def history_ratio(h: HistoryResult | None, results: list[SystemResult],
+                  drain: DrainResult | None) -> dict[str, float | None]:
+    """Rates on the database with history over the fresh database's (same run)."""
+    if h is None:
+        return {"reserve": None, "drain": None}
+    fresh = [r for r in results if r.kind == "reserve" and r.workers == 1 and r.runs]
+    hr = h.reserve.stat("rps")[0] if h.reserve and h.reserve.runs else None
+    fr = fresh[0].stat("rps")[0] if fresh else None
+    hd = h.drain.stat()[0] if h.drain and h.drain.runs else None
+    fd = drain.stat()[0] if drain and drain.runs else None
+    return {"reserve": _ratio(hr, fr), "drain": _ratio(hd, fd)}
+
+
+def extra_doc(results: list[SystemResult], drain: DrainResult | None,
+              extras: Extras) -> dict[str, Any]:
+    """latest.json's issue-14 keys, their targets included."""
+    c = costs.summarize_costs(results, drain)
+    ol = extras.open_loop
+    open_loop = {}
+    if ol is not None:
+        for lv in ol.levels:
+            d = lv.as_dict()
+            open_loop[f"{lv.system}_{round(lv.share * 100)}pct"] = {
+                k: d[k] for k in ("offered", "achieved", "p50_ms", "p99_ms", "p999_ms")}
+    hot = extras.hot_sku.summary() if extras.hot_sku else None
+    hratio = history_ratio(extras.history, results, drain)
+    idle = extras.history.idle if extras.history else {}
+    r50, r80 = _level(ol, "reserve", 0.5), _level(ol, "reserve", 0.8)
+    values = {
+        "cpu_order_vs_echo": c["cpu_vs_echo"]["order_total"],
+        "cpu_drain_row_vs_echo": c["cpu_vs_echo"]["drain_row"],
+        "open_loop_p99_at_50pct_ms": r50["p99_ms"] if r50 else None,
+        "open_loop_p999_at_50pct_ms": r50["p999_ms"] if r50 else None,
+        "open_loop_p99_at_80pct_ms": r80["p99_ms"] if r80 else None,
+        "hot_sku_accepted_per_core_s": hot["accepted"] if hot else None,
+        "history_reserve_ratio": hratio["reserve"],
+        "history_drain_ratio": hratio["drain"],
+        "idle_consume_cores_history": idle.get("history", {}).get("consume"),
+        "idle_compensate_cores_history": idle.get("history", {}).get("compensate"),
+    }
+    return {
+        "cpu_us_per_order": c["cpu_us_per_order"],
+        "cpu_us_per_sold_out": c["cpu_us_per_sold_out"],
+        "cpu_us_per_drained_row": c["cpu_us_per_drained_row"],
+        "cpu_vs_echo": c["cpu_vs_echo"],
+        "cpu_costs_from": {**c["from"], "echo_front_us_per_request":
+                           c["echo_front_us_per_request"]},
+        "cpu_model_check": c["model_check"],
+        "open_loop": open_loop,
+        "open_loop_detail": ol.as_dict() if ol else None,
+        "hot_sku_decisions_per_s": hot,
+        "history_ratio": hratio,
+        "history": extras.history.as_dict() if extras.history else None,
+        "targets_14": {k: _judge(k, v, TARGETS_14) for k, v in values.items()},
+    }
 
 
 @dataclass
@@ -119,7 +218,7 @@ def _fmt_codes(r: SystemResult) -> str:
 
 
 def _fmt_cores(cores: dict[str, float]) -> str:
-    order = ["loadgen", "front", "consumer", "redis", "postgres", "other"]
+    order = ["loadgen", "front", "consumer", "compensator", "redis", "postgres", "other"]
     return " / ".join(f"{k} {cores[k]:.2f}" for k in order if k in cores)
 
 
@@ -239,19 +338,138 @@ def statistics_median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else 0.0
 
 
+def _f(v: Any, fmt: str = "{:,.1f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def markdown_extra(d: dict[str, Any], extras: Extras) -> list[str]:
+    """latest.md's issue-14 sections."""
+    lines: list[str] = []
+    procs_ = (*costs.PROCESSES, "total")
+    src = d["cpu_costs_from"]
+    lines += ["", "## CPU per order, by process (µs; /proc utime+stime)", "",
+              "| per | " + " | ".join(procs_) + " | × echo front |",
+              "| --- | " + " | ".join("---:" for _ in procs_) + " | ---: |"]
+    ratios = d["cpu_vs_echo"]
+    for label, key, ratio in (
+        (f"accepted order ({src['reserve']})", "cpu_us_per_order", ratios["order_total"]),
+        (f"sold-out answer ({src['soldout']})", "cpu_us_per_sold_out",
+         ratios["sold_out_total"]),
+        ("drained row (consumer drain)", "cpu_us_per_drained_row", ratios["drain_row"]),
+    ):
+        row = d[key]
+        lines.append(f"| {label} | " + " | ".join(_f(row.get(p)) for p in procs_)
+                     + f" | {_f(ratio, '{:.2f}×')} |")
+    lines += ["", f"Echo ceiling front ({src['echo']}): "
+              f"{_f(src['echo_front_us_per_request'])} µs per request. An accepted order's "
+              "CPU is the reserve runs' CPU less the refusals' (each at the sold-out "
+              "answer's cost), over the 202s; the consumer, Redis and PostgreSQL include "
+              "persisting it (see bench/costs.py)."]
+    if d["cpu_model_check"]:
+        lines += ["", "Model check (bench/README.md): throughput = min(N fronts / front µs, "
+                  "1 Redis core / Redis µs, free machine cores / all µs incl. the load generator; "
+                  "free = cores less the rest of the machine's busy share), "
+                  "per-request costs mixed by each configuration's 202 share:", "",
+                  "| configuration | 202 share | fronts bound | Redis-core bound | "
+                  "machine bound | predicted | measured | measured / predicted |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for m in d["cpu_model_check"]:
+            b = m["bounds_rps"]
+            lines.append(
+                f"| {m['system']} | {m['accepted_share']:.0%} | {_f(b['fronts'], '{:,}')} | "
+                f"{_f(b['redis_core'], '{:,}')} | {_f(b['machine_cores'], '{:,}')} | "
+                f"{_f(m['predicted_rps'], '{:,}')} | {m['measured_rps']:,} | "
+                f"{_f(m['measured_vs_predicted'], '{:.2f}')} |")
+    ol = extras.open_loop
+    if ol is not None:
+        lines += ["", f"## Open-loop latency (bench/openloop, constant arrival rate, latency "
+                  f"from each request's due time; {ol.workers} worker(s), 64 connections)", "",
+                  f"Capacity: {ol.capacity_rps:,.0f} req/s ({ol.capacity_from}, closed loop, "
+                  "this run). The echo ceiling gets the same rates.", ""]
+        if ol.error:
+            lines.append(f"**ERROR**: {ol.error[:300]}")
+        lines += ["| system | share | offered/s | achieved/s | p50 ms | p99 ms | p99.9 ms | "
+                  "max ms | responses | generator cores (µs/req) | correctness |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
+        for lv in ol.levels:
+            x = lv.as_dict()
+            errs = sum(x["errors"].values())
+            codes = " ".join(f"{k}:{v:,}" for k, v in sorted(x["status"].items()))
+            lines.append(
+                f"| {lv.system} | {lv.share:.0%} | {x['offered']:,.0f} | {x['achieved']:,.0f} | "
+                f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['p999_ms']:.2f} | "
+                f"{x['max_ms']:.1f} | {codes}{f' errors {errs}' if errs else ''} | "
+                f"{x['loadgen_cores']:.2f} ({_f(x['loadgen_cpu_us_per_request'])}) | "
+                f"{lv.check.summary() if lv.check else 'n/a'} |")
+    hot = extras.hot_sku
+    if hot is not None:
+        lines += ["", "## Hot-SKU ceiling (reserve_batch fed directly, one sale, unique "
+                  "buyers and keys; decisions per second of Redis main-thread CPU, INFO cpu)",
+                  ""]
+        if hot.error:
+            lines.append(f"**ERROR**: {hot.error[:300]}")
+        lines += ["| AOF | outcome | batch | decisions/s per core | Redis µs per decision "
+                  "(main) | decisions per process CPU-s |",
+                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in hot.runs:
+            x = r.as_dict()
+            lines.append(f"| {r.aof} | {r.outcome} | {r.batch} | {x['decisions_per_core_s']:,} "
+                         f"| {_f(x['redis_main_us_per_decision'], '{:.2f}')} | "
+                         f"{_f(x['decisions_per_process_cpu_s'], '{:,}')} |")
+    h = extras.history
+    if h is not None:
+        hr = d["history_ratio"]
+        lines += ["", f"## Cost of history ({h.sales:,} ended sales, {h.orders:,} orders, "
+                  f"written in {h.populate_s:.0f} s)", ""]
+        if h.error:
+            lines.append(f"**ERROR**: {h.error[:300]}")
+        hres = h.reserve.stat("rps")[0] if h.reserve and h.reserve.runs else None
+        hdr = h.drain.stat()[0] if h.drain and h.drain.runs else None
+        lines += [f"- reserve (1 worker): {_f(hres, '{:,.0f}')} req/s on history, "
+                  f"{_f(hr['reserve'], '{:.3f}')} × the fresh database's"
+                  + (f" ({'correct' if h.reserve.ok else '**FAILED**'})" if h.reserve else ""),
+                  f"- drain: {_f(hdr, '{:,.0f}')} rows/s on history, "
+                  f"{_f(hr['drain'], '{:.3f}')} × the fresh database's"
+                  + (f" ({'correct' if h.drain.ok else '**FAILED**'})" if h.drain else "")]
+        for db in ("fresh", "history"):
+            idle = h.idle.get(db, {})
+            lines.append(f"- idle cores, {db} database: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in idle.items()))
+    lines += ["", "## Targets of issue 14 (ratios from this run)", "",
+              "| target | measured | goal | holds |", "| --- | ---: | --- | --- |"]
+    for name, t in d["targets_14"].items():
+        v = t["value"]
+        holds = "–" if t["ok"] is None else ("yes" if t["ok"] else "**no**")
+        lines.append(f"| {name} | {_f(v, '{:,.3f}') if v is None or v < 1000 else f'{v:,.0f}'} "
+                     f"| {t['target']} | {holds} |")
+    return lines
+
+
 def write(results: list[SystemResult], drain: DrainResult | None, meta: dict[str, Any],
-          out_dir: Path) -> tuple[Path, Path, Path]:
+          out_dir: Path, extras: Extras | None = None) -> tuple[Path, Path, Path]:
+    extras = extras or Extras()
     s = summarize(results, drain)
+    d14 = extra_doc(results, drain, extras)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / "latest.png"
     bars_rps = [Bar(r.label, *r.stat("rps")) for r in results if r.runs]
     bars_p99 = [Bar(r.label, *r.stat("p99_ms")) for r in results if r.runs]
     if drain and drain.runs:
         bars_rps.append(Bar("consumer drain (rows/s)", *drain.stat()))
+    curves = []
+    if extras.open_loop is not None:
+        for system in ("reserve", "echo"):
+            lv = extras.open_loop.of(system)
+            if lv:
+                xs = [x.result.offered for x in lv]
+                for pct, pick in (("p50", "p50_ms"), ("p99", "p99_ms"), ("p99.9", "p999_ms")):
+                    curves.append(Curve(f"{system} {pct}", xs,
+                                        [float(getattr(x.result, pick)) for x in lv]))
     meta["plot"] = plot(bars_rps, bars_p99, png,
-                        f"flashsale bench {meta['started']} — {meta['machine']}")
+                        f"flashsale bench {meta['started']} — {meta['machine']}", curves)
     md = out_dir / "latest.md"
-    md.write_text(markdown(results, drain, s, meta))
+    md.write_text(markdown(results, drain, s, meta)
+                  + "\n".join(markdown_extra(d14, extras)) + "\n")
     doc: dict[str, Any] = {
         "ratios": s.ratios,
         "ratios_cpu_estimate": s.estimated,
@@ -260,6 +478,7 @@ def write(results: list[SystemResult], drain: DrainResult | None, meta: dict[str
         "lost": s.lost,
         "targets": s.targets,
         "reserve_system": s.reserve.key if s.reserve else None,
+        **d14,
         "meta": meta,
         "systems": {r.key: r.as_dict() for r in results},
         "drain": drain.as_dict() if drain else None,

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -37,16 +38,19 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from bench import loadgen, report
+from bench import loadgen, procs, report
 from bench.drain import DrainResult, measure_drain
+from bench.history import measure_history
+from bench.hotsku import measure_hot_sku
 from bench.lab import Lab, Options
+from bench.latency import measure_open_loop
 from bench.measure import SystemResult, measure
 from bench.targets import EchoTarget, FlashsaleTarget, NaivePgTarget
 from flashsale import auth
 from flashsale.core import migrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain")
+SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain", "openloop", "hotsku", "history")
 TOKEN_TTL_S = 6 * 3600
 
 
@@ -126,7 +130,7 @@ def servers(
     redis_url = None if embedded_redis else os.environ.get("FLASHSALE_REDIS_URL") or None
     database_url = os.environ.get("FLASHSALE_DATABASE_URL") or None
     if redis_url and database_url:
-        yield redis_url, database_url, {}
+        yield redis_url, database_url, given_server_pids(redis_url, database_url)
         return
     from flashsale.run.embedded.servers import EmbeddedServers
 
@@ -145,6 +149,34 @@ def servers(
         yield redis_url or emb.redis_url or "", database_url or emb.database_url or "", pids
     finally:
         emb.stop()
+
+
+def given_server_pids(redis_url: str, database_url: str) -> dict[str, list[int]]:
+    """The pids of given servers when they run on this machine (their CPU is then
+    read from /proc like an embedded server's; it includes every other client's)."""
+    import redis as redis_sync
+
+    pids: dict[str, list[int]] = {}
+    with contextlib.suppress(Exception):
+        r = redis_sync.Redis.from_url(redis_url, socket_timeout=2)
+        pid = int(r.info("server")["process_id"])
+        r.close()
+        if Path(f"/proc/{pid}/stat").exists():
+            pids["redis"] = [pid]
+
+    async def backend() -> int:
+        conn = await asyncpg.connect(database_url, timeout=5)
+        try:
+            return int(await conn.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await conn.close()
+
+    with contextlib.suppress(Exception), ThreadPoolExecutor(1) as pool:  # inside a loop
+        pid = pool.submit(asyncio.run, backend()).result(timeout=10)
+        fields = procs.stat_fields(pid)
+        if fields is not None:  # the backend's parent is the postmaster
+            pids["postgres"] = [int(fields[1])]
+    return pids
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -260,6 +292,30 @@ async def _systems(lab: Lab) -> tuple[list[SystemResult], DrainResult | None]:
     return results, drain
 
 
+async def _extras(lab: Lab, admin_dsn: str, results: list[SystemResult]) -> report.Extras:
+    """Issue 14's measurements, after the closed-loop systems (they need the capacity)."""
+    opts = lab.opts
+    extras = report.Extras()
+    if "openloop" in opts.systems:
+        best = max((r for r in results if r.kind == "reserve" and r.runs),
+                   key=lambda r: r.stat("rps")[0], default=None)
+        if best is not None:
+            capacity, source, workers = best.stat("rps")[0], best.label, best.workers
+        else:  # no closed-loop reserve run this time: a fixed small rate
+            capacity, source, workers = 400.0, "fixed (reserve not measured)", opts.workers[0]
+        print(f"== open loop at {', '.join(f'{x:.0%}' for x in (0.25, 0.5, 0.8))} of "
+              f"{capacity:,.0f} req/s", flush=True)
+        extras.open_loop = await measure_open_loop(lab, capacity, source, workers)
+    if "hotsku" in opts.systems:
+        print("== hot-SKU ceiling (reserve_batch fed directly)", flush=True)
+        extras.hot_sku = await measure_hot_sku(
+            lab.workdir, 2_000 if opts.quick else 40_000, opts.quick)
+    if "history" in opts.systems:
+        print("== cost of history", flush=True)
+        extras.history = await measure_history(lab, lambda: fresh_database(admin_dsn))
+    return extras
+
+
 async def bench(opts: Options) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -267,7 +323,8 @@ async def bench(opts: Options) -> int:
     try:
         with servers(workdir) as (redis_url, admin_dsn, server_pids):
             async with fresh_database(admin_dsn) as dsn:
-                return await _run(opts, workdir, redis_url, dsn, server_pids, started)
+                return await _run(opts, workdir, redis_url, dsn, server_pids, started,
+                                  admin_dsn)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -298,12 +355,13 @@ async def open_lab(opts: Options, workdir: Path, redis_url: str, dsn: str,
 
 
 async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
-               server_pids: dict[str, list[int]], started: str) -> int:
+               server_pids: dict[str, list[int]], started: str, admin_dsn: str) -> int:
     async with open_lab(opts, workdir, redis_url, dsn, server_pids, "bench") as lab:
         print(f"bench: {len(opts.systems)} system group(s), {opts.runs} run(s) × "
               f"{opts.duration_s:g} s, load generator {opts.loadgen}, servers "
               f"{'embedded' if server_pids else 'given'}", flush=True)
         results, drain = await _systems(lab)
+        extras = await _extras(lab, admin_dsn, results)
         meta = {
             "started": started, "machine": machine(), "cores": os.cpu_count(),
             "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
@@ -314,13 +372,24 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
                        f"{opts.warmup_max_s:g} s") if opts.warmup_s > 0 else "none",
             "postgres": await pg_settings(dsn), "servers": "embedded" if server_pids
             else "given", "drain_orders": opts.drain_orders,
+            "server_cpu": "embedded servers' own processes" if server_pids.get("postgres")
+            and not os.environ.get("FLASHSALE_DATABASE_URL") else
+            "given servers' processes: their CPU includes every other client of them",
+            "openloop": "bench/openloop/openloop.c (C, epoll, constant arrival rate, "
+            "latency from the due time)",
         }
-        md, js, png = report.write(results, drain, meta, opts.out_dir)
+        md, js, png = report.write(results, drain, meta, opts.out_dir, extras)
     print()
     print(md.read_text())
     print(f"wrote {md}, {js}, {png}")
     failed = [r.label for r in results if not r.ok] + (
         ["consumer drain"] if drain and not drain.ok else [])  # incorrect, or an error
+    if extras.open_loop is not None and not extras.open_loop.ok:
+        failed.append("open loop")
+    if extras.history is not None and not extras.history.ok:
+        failed.append("history")
+    if extras.hot_sku is not None and extras.hot_sku.error:
+        failed.append("hot SKU")
     if failed:
         print(f"bench: CORRECTNESS FAILED for {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -17,8 +17,14 @@ When the sale hash is missing (Redis lost it; rebuild_sale recomputes
 
 Guarantee: XACK answers 1 only for the first ack of an entry, and that answer
 gates the pending decrement, so redelivered or reclaimed entries never lower
-`pending` twice. The stream is trimmed entry by entry (XDEL), so an entry not
-yet persisted is never trimmed away. Checks first, writes last: every triple,
+`pending` twice. The stream is trimmed by id, once per call, below the oldest
+entry still pending in the group (XPENDING's summary), or, with none pending,
+up to and including the group's last delivered entry: the group delivers in id
+order, so every entry below either was delivered and then acked (persisted) or
+dead-lettered; an entry not yet persisted is never trimmed away. Nothing is
+trimmed when this call acked nothing (a stale consumer's ack after the group
+was recreated at 0, whose entries are to be delivered again). One XTRIM MINID
+frees whole stream nodes instead of an XDEL per entry. Checks first, writes last: every triple,
 the key types and the pending counter are validated before the first XACK,
 so no command after it can fail.
 ]]
@@ -57,10 +63,26 @@ local acked = 0
 for i = 2, #ARGV, 3 do
   local entry_id, order_id = ARGV[i], ARGV[i + 1]
   if redis.call('XACK', KEYS[3], ARGV[1], entry_id) == 1 then
-    redis.call('XDEL', KEYS[3], entry_id)
     redis.call('HDEL', KEYS[2], order_id)
     if live then redis.call('HINCRBY', KEYS[1], 'pending', -qtys[i]) end
     acked = acked + 1
+  end
+end
+if acked > 0 then
+  local oldest = redis.call('XPENDING', KEYS[3], ARGV[1])[2]
+  if oldest then
+    redis.call('XTRIM', KEYS[3], 'MINID', oldest)
+  else
+    local last = nil
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
+      local f = {}
+      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+      if f['name'] == ARGV[1] then last = f['last-delivered-id'] end
+    end
+    if last then
+      redis.call('XTRIM', KEYS[3], 'MINID', last)
+      redis.call('XDEL', KEYS[3], last)
+    end
   end
 end
 return acked

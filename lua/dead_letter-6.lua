@@ -32,7 +32,10 @@ dead-lettered at most once, its pending quantity lowered at most once, and
 its hold (if still held) returned to `available` at most once: the accepted
 order ends as exactly one compensation. Every argument and every value read
 is validated before the first write, so a refused call changes nothing (the
-entry stays pending and is retried).
+entry stays pending and is retried). The stream is then trimmed by id as
+ack_persisted trims it (below the oldest entry still pending, or up to the
+last delivered one when none is): entries acked above this one while it was
+retried go with it.
 ]]
 local function int(v)
   if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
@@ -111,6 +114,19 @@ end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', maxlen, '*', 'entry', entry_id, 'o', order_id,
   'q', ARGV[4], 'reason', ARGV[5], 'raw', ARGV[6])
 redis.call('XDEL', KEYS[5], entry_id)
+local oldest = redis.call('XPENDING', KEYS[5], group)[2]
+if oldest then
+  redis.call('XTRIM', KEYS[5], 'MINID', oldest)
+else
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[5])) do
+    local f = {}
+    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
+    if f['name'] == group then
+      redis.call('XTRIM', KEYS[5], 'MINID', f['last-delivered-id'])
+      redis.call('XDEL', KEYS[5], f['last-delivered-id'])
+    end
+  end
+end
 -- an unreadable entry counts 0: never pass -0, which HINCRBY refuses
 if live and qty > 0 then redis.call('HINCRBY', KEYS[1], 'pending', -qty) end
 return {1, released}

@@ -145,6 +145,44 @@ async def test_ack_once_and_dead_letter_once(api: Api) -> None:
     assert f1[b"o"] == b"o1"
 
 
+async def test_ack_trims_the_stream_by_id_never_an_unacked_entry(api: Api) -> None:
+    """ack_persisted trims by id (one XTRIM MINID per call): below the oldest entry
+    still pending, or up to the last delivered one when none is pending. Entries
+    acked out of order wait above a pending one; an undelivered entry stays."""
+    b, k = api.backends, keys_of(api)
+    await load(b, k, stock=10, limit=5)
+    await reserve(b, k, [(f"o{i}", f"u{i}", 1, None) for i in range(1, 6)])
+    ack = [k.sale, k.pending, k.stream]
+    c1: Any = await b.redis.xreadgroup(GROUP, "c1", {k.stream: ">"}, count=2)
+    c2: Any = await b.redis.xreadgroup(GROUP, "c2", {k.stream: ">"}, count=2)
+    (e1, _), (e2, _) = c1[0][1]
+    (e3, _), (e4, _) = c2[0][1]
+
+    async def acked(*pairs: tuple[bytes, str]) -> int:
+        args: list[Any] = [GROUP]
+        for entry_id, order_id in pairs:
+            args += [entry_id.decode(), order_id, 1]
+        return int(await b.scripts.ack_persisted(keys=ack, args=args))
+
+    assert await acked((e3, "o3"), (e4, "o4")) == 2  # c1's e1, e2 still pending below
+    assert await b.redis.xlen(k.stream) == 5
+    assert await acked((e1, "o1")) == 1  # e1 trimmed; e2 pending, e3 and e4 wait above it
+    rest: Any = await b.redis.xrange(k.stream)
+    ids = [e for e, _ in rest]
+    assert ids[0] == e2 and len(ids) == 4
+    assert await acked((e2, "o2")) == 1  # none pending: up to the last delivered (e4)
+    left: Any = await b.redis.xrange(k.stream)
+    assert len(left) == 1 and left[0][1][b"o"] == b"o5"  # delivered to nobody: kept
+    assert await acked((e2, "o2")) == 0  # acked twice: nothing more
+    assert await b.redis.xlen(k.stream) == 1
+    c3: Any = await b.redis.xreadgroup(GROUP, "c1", {k.stream: ">"}, count=5)
+    (e5, _), = c3[0][1]
+    assert await acked((e5, "o5")) == 1
+    assert await b.redis.xlen(k.stream) == 0
+    assert await b.redis.hget(k.sale, "pending") == b"0"
+    assert await b.redis.hlen(k.pending) == 0
+
+
 async def test_restock_once(api: Api) -> None:
     b, k = api.backends, keys_of(api)
     rk = [k.sale, k.restocks]
