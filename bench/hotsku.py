@@ -1,6 +1,6 @@
 """The hot-SKU ceiling: reservation decisions per second of one Redis core, for one sale.
 
-``reserve_batch`` (the real script, loaded through flashsale.scripts) is fed
+``reserve_batch`` (the real script, loaded through flashsale.core.scripts) is fed
 directly, no HTTP, with batches of the sizes the fronts coalesce under load
 (8-128 items), each item with a unique buyer and a unique Idempotency-Key, as the
 bench's requests have. Batches are built before the clock starts and several
@@ -24,9 +24,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from flashsale.embedded import EmbeddedServers
-from flashsale.keys import SaleKeys
-from flashsale.scripts import Scripts
+from flashsale.core.keys import SaleKeys
+from flashsale.core.scripts import Scripts
+from flashsale.run.embedded.servers import EmbeddedServers
 
 BATCH_SIZES = (8, 32, 128)
 IN_FLIGHT = 4
