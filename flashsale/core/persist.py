@@ -7,7 +7,7 @@ inserted with ``ON CONFLICT DO NOTHING`` on ids made before the write, so a
 redelivered entry is harmless. An entry that PostgreSQL refuses alone
 (``_refused``: a data error or a constraint on the row) ``max_deliveries``
 times is dead-lettered (its hold compensated) and never blocks the others;
-before any dead letter its order is looked up in PostgreSQL (``_tombstone``),
+before any dead letter its order is looked up in PostgreSQL (``dead_letters.tombstone``),
 and one found there is acked as persisted instead. PostgreSQL busy,
 restarting or unreachable (``_transient``) is never held against an entry:
 the step backs off (bounded, jittered) and retries, and the delivery is taken
@@ -26,19 +26,16 @@ from collections import defaultdict
 from typing import Any
 
 import asyncpg
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flashsale.core import events, live_sales, record, release
-from flashsale.core.backends import Backends, Conn, as_text
+from flashsale.core import dead_letters, events, live_sales, record, release
+from flashsale.core.backends import Backends, as_text
+from flashsale.core.deduct import persist_batch, refused, transient
 from flashsale.core.record import Order
-from flashsale.core.sales import stream_pos
 from flashsale.ops.metrics import Metrics
 
 log = logging.getLogger("flashsale.core.persist")
 
-DLQ_MAXLEN = 100_000
 SALES_REFRESH_S = 1.0
 CLAIM_INTERVAL_S = 1.0
 RECLAIM_CHUNK = 50  # entries claimed at a time (see Persister._reclaim)
@@ -46,62 +43,6 @@ BACKOFF_MAX_S = 2.0
 ATTEMPTS_TRACKED_MAX = 100_000
 TX_RETRIES = 3  # tries of one transaction PostgreSQL rolled back (deadlock, serialization)
 TX_RETRY_PAUSE_S = (0.01, 0.1)  # jittered pause between those tries
-
-_DEDUCT = """
-UPDATE sales SET sold = sold + $2,
-    persisted_stream_ms = GREATEST(persisted_stream_ms, $3),
-    persisted_stream_seq = CASE WHEN $3 > persisted_stream_ms THEN $4
-        WHEN $3 = persisted_stream_ms THEN GREATEST(persisted_stream_seq, $4)
-        ELSE persisted_stream_seq END
-WHERE sale_id = $1 AND sold + $2 <= stock RETURNING sold
-"""  # with the stream watermark (sales.stream_pos): never lowered
-
-
-async def persist_batch(conn: Conn, entries: list[Order], actor: str) -> list[Order]:
-    """Persist entries in ONE transaction. Returns the orders that failed their
-    final deduction (recorded as failed with a release row, to compensate)."""
-    failed: list[Order] = []
-    by_id = {e.order_id: e for e in entries}
-    async with conn.transaction():
-        inserted = await record.insert(conn, entries, "awaiting_payment")
-        per_sale: dict[str, list[Order]] = defaultdict(list)
-        for row in inserted:
-            per_sale[row["sale_id"]].append(by_id[row["order_id"]])
-        for sale_id in sorted(per_sale):  # fixed lock order
-            batch = per_sale[sale_id]
-            total = sum(e.quantity for e in batch)
-            if await conn.fetchval(_DEDUCT, sale_id, total, *stream_pos(batch)) is not None:
-                continue
-            for e in batch:  # slow path: deduct order by order, fail what does not fit
-                if await conn.fetchval(_DEDUCT, sale_id, e.quantity, *stream_pos([e])) is None:
-                    await release.transition(
-                        conn, e.order_id, "failed", actor, sold_counted=False,
-                        detail="final deduction refused: sold would pass stock",
-                    )
-                    failed.append(e)
-        failed += await _fail_duplicates(conn, entries, {r["order_id"] for r in inserted}, actor)
-    return failed
-
-
-async def _fail_duplicates(
-    conn: Conn, entries: list[Order], inserted: set[str], actor: str
-) -> list[Order]:
-    """Entries neither inserted now nor present already collided on the unique
-    (sale, buyer, idempotency key): Redis lost the key's record. Fail them."""
-    missing = [e for e in entries if e.order_id not in inserted]
-    if not missing:
-        return []
-    present = {
-        r["order_id"]
-        for r in await conn.fetch(
-            "SELECT order_id FROM orders WHERE order_id = ANY($1::text[])",
-            [e.order_id for e in missing],
-        )
-    }
-    failed = [e for e in missing if e.order_id not in present]
-    await release.record_unpersisted(conn, failed, "failed", actor, "duplicate idempotency key")
-    return failed
-
 
 class Persister:
     """One consumer of the group; run several (processes) to scale out."""
@@ -281,7 +222,7 @@ class Persister:
                 items = await self._dead_letter_exhausted(reclaimed_from, batch)
             return await self.handle(items)
         except Exception as exc:
-            if _transient(exc):
+            if transient(exc):
                 await self._undo_delivery(batch)
             raise
 
@@ -334,10 +275,12 @@ class Persister:
         dead += [(item, e) for item, e in retry if e.entry_id not in done]
         for item, entry in dead:
             if entry is None:
-                await self._dead_letter(
+                await dead_letters.dead_letter(self._b, self._m,
                     self._streams[key], item[1], None, "delivered too many times", item[2]
                 )
-            elif not await self._dead_letter_checked(entry, "delivered too many times"):
+            elif not await dead_letters.checked(
+                self._b, self._m, self.name, entry, "delivered too many times"
+            ):
                 keep.append(item)  # committed before its consumer died: ack it as persisted
         return keep
 
@@ -367,47 +310,12 @@ class Persister:
                 await asyncio.sleep(random.uniform(*TX_RETRY_PAUSE_S))
                 continue
             except asyncpg.PostgresError as exc:
-                if _refused(exc):
+                if refused(exc):
                     return exc
                 raise
             await self._after_commit(entries, failed)
             return None
         raise AssertionError("unreachable")  # the last attempt returns or raises
-
-    async def _tombstone(self, e: Order) -> bool:
-        """Before an entry is dead-lettered, record its order as failed (with
-        its release row) so that no consumer can persist it afterwards. False
-        when the order is in PostgreSQL otherwise: a consumer committed it (and
-        died, or is slow, before the ack), so it must be acked as persisted, not
-        released. PostgreSQL refusing the row itself means no consumer can
-        write the order either: True. Any other failure is raised."""
-        try:
-            if not await release.record_unpersisted(
-                self._b.pg, [e], "failed", self.name, "dead-lettered: delivered too many times"
-            ):  # failed already (an earlier attempt died): go on
-                status = await self._b.pg.fetchval(
-                    "SELECT status FROM orders WHERE order_id = $1", e.order_id
-                )
-                return bool(status == "failed")
-        except asyncpg.PostgresError as exc:
-            if not _refused(exc):
-                raise
-            # PostgreSQL refuses the row as the entry has it: no consumer can
-            # write it, unless the order is there already (then one did)
-            status = await self._b.pg.fetchval(
-                "SELECT status FROM orders WHERE order_id = $1", e.order_id
-            )
-            return status is None or status == "failed"
-        return True
-
-    async def _dead_letter_checked(self, e: Order, reason: str) -> bool:
-        """The one way a parsed entry is dead-lettered: only once PostgreSQL
-        has recorded its order as failed (``_tombstone``). False, with nothing
-        done, when PostgreSQL has the order: the caller acks it as persisted."""
-        if not await self._tombstone(e):
-            return False
-        await self._dead_letter(e.sale_id, e.entry_id, e, reason, {})
-        return True
 
     async def handle(self, batch: list[tuple[str, str, dict[bytes, bytes]]]) -> int:
         if not batch:
@@ -417,10 +325,12 @@ class Persister:
             try:
                 entries.append(record.from_entry(self._streams[key], entry_id, fields))
             except record.Malformed as exc:
-                await self._dead_letter(self._streams[key], entry_id, None, str(exc), fields)
+                await dead_letters.dead_letter(
+                    self._b, self._m, self._streams[key], entry_id, None, str(exc), fields
+                )
         known = await self._known_sales({e.sale_id for e in entries})
         for e in [e for e in entries if e.sale_id not in known]:
-            if await self._dead_letter_checked(e, "sale not in PostgreSQL"):
+            if await dead_letters.checked(self._b, self._m, self.name, e, "sale not in PostgreSQL"):
                 entries.remove(e)
         if not entries:
             return len(batch)
@@ -441,7 +351,7 @@ class Persister:
             attempts = self._attempts.get(e.entry_id, 0) + 1
             if attempts >= self._b.settings.consumer_max_deliveries:
                 self._attempts.pop(e.entry_id, None)
-                if not await self._dead_letter_checked(e, repr(refused)):
+                if not await dead_letters.checked(self._b, self._m, self.name, e, repr(refused)):
                     await self._after_commit([e], [])  # another consumer committed it
             else:
                 if len(self._attempts) >= ATTEMPTS_TRACKED_MAX:
@@ -472,24 +382,6 @@ class Persister:
         )
         return {r["sale_id"] for r in rows}
 
-    async def _dead_letter(
-        self, sale_id: str, entry_id: str, entry: Order | None, reason: str,
-        fields: dict[bytes, bytes],
-    ) -> None:
-        k = self._b.keys(sale_id)
-        raw = repr(fields) if fields else (repr(entry) if entry else "")
-        order_id = entry.order_id if entry else fields.get(b"o", b"").decode(errors="replace")
-        moved, released = await self._b.scripts.dead_letter(
-            keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.dlq],
-            args=[
-                self._b.settings.consumer_group, entry_id, order_id,
-                entry.quantity if entry else record.quantity_of(fields), reason[:500],
-                raw[:2000], DLQ_MAXLEN,
-            ],
-        )
-        if int(moved):
-            log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
-            self._m.dead_lettered.inc()
 
 
 async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Event) -> None:
@@ -506,27 +398,3 @@ async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Even
 def consumer_names(name: str, concurrency: int) -> list[str]:
     """The group's consumer names of one process: its name alone, or ``<name>-<i>``."""
     return [name] if concurrency == 1 else [f"{name}-{i}" for i in range(concurrency)]
-
-
-def _refused(exc: asyncpg.PostgresError) -> bool:
-    """PostgreSQL refused the row itself: a data error (class 22, including
-    asyncpg's own refusal to encode a value) or a constraint on the row (class
-    23: CHECK, NOT NULL, foreign key). Only this counts against an entry."""
-    return isinstance(exc, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
-
-
-def _transient(exc: BaseException) -> bool:
-    """PostgreSQL (or Redis, or the network) failed, not the entry: every
-    server error that is not a refusal of the row (too many connections,
-    statement or lock timeout, admin shutdown, cannot connect now, deadlock,
-    serialization failure, connection exceptions, ...) and every lost or
-    timed-out connection. Retried with backoff, never counted."""
-    if isinstance(exc, asyncpg.PostgresError):
-        return not _refused(exc)
-    return isinstance(
-        exc,
-        asyncpg.InterfaceError | asyncpg.InternalClientError | OSError | TimeoutError
-        | RedisConnectionError | RedisTimeoutError,
-    )
-
-

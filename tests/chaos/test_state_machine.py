@@ -97,7 +97,8 @@ from flashsale.config import Settings
 from flashsale.core import record
 from flashsale.core.backends import as_text
 from flashsale.core.compensate import Compensator
-from flashsale.core.persist import Persister, persist_batch
+from flashsale.core.deduct import persist_batch
+from flashsale.core.persist import Persister
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.faults import TcpProxy

@@ -36,7 +36,8 @@ import pytest
 
 from flashsale.core import record
 from flashsale.core.backends import Backends, open_backends
-from flashsale.core.persist import Persister, persist_batch
+from flashsale.core.deduct import persist_batch
+from flashsale.core.persist import Persister
 from flashsale.core.reserve import Accepted, Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.harness import audit

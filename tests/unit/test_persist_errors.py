@@ -1,5 +1,5 @@
-"""Which failures count against a stream entry (persist._refused) and which
-are PostgreSQL or the network failing (persist._transient: retried, never
+"""Which failures count against a stream entry (deduct.refused) and which
+are PostgreSQL or the network failing (deduct.transient: retried, never
 counted toward dead-lettering)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from flashsale.core.persist import _refused, _transient
+from flashsale.core.deduct import refused as _refused
+from flashsale.core.deduct import transient as _transient
 
 BUSY = [
     asyncpg.TooManyConnectionsError, asyncpg.QueryCanceledError, asyncpg.AdminShutdownError,
