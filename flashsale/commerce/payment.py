@@ -47,7 +47,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.commerce import orders
+from flashsale.commerce import orders, payment_inbox
 from flashsale.core import events, release
 from flashsale.core.backends import Backends, Conn
 from flashsale.core.record import Order
@@ -259,11 +259,10 @@ async def process(b: Backends, ev: Event) -> Applied:
     order is not persisted yet (see the module docstring)."""
     applied = await _settle(b, ev)
     if applied is None:
-        kept = await b.pg.fetchval(
-            _INBOX_KEEP, ev.event_id, ev.type, ev.payment_id, ev.order_id, ev.amount_cents,
-            ev.payload(),
+        kept = await payment_inbox.keep(
+            b, ev.event_id, ev.type, ev.payment_id, ev.order_id, ev.amount_cents, ev.payload()
         )
-        return Applied("queued" if kept is not None else "duplicate", ev.order_id)
+        return Applied("queued" if kept else "duplicate", ev.order_id)
     await _after_commit(b, applied)
     return applied
 
@@ -300,7 +299,7 @@ async def _apply_in_tx(b: Backends, ev: Event, *, order_gone: bool) -> Applied:
             _INSERT_EVENT, ev.event_id, ev.type, ev.payment_id, ev.order_id, ev.payload()
         )
         # kept in the inbox earlier: judged as of its delivery, closed in this commit
-        kept_at = await conn.fetchval(_INBOX_KEPT_AT, ev.event_id)
+        kept_at = await payment_inbox.kept_at(conn, ev.event_id)
         if fresh is None:
             applied = Applied("duplicate", ev.order_id)
         elif ev.type == "payment.failed":
@@ -320,7 +319,7 @@ async def _apply_in_tx(b: Backends, ev: Event, *, order_gone: bool) -> Applied:
                 ev.event_id, applied.outcome,
             )
         if kept_at is not None:
-            await conn.execute(_INBOX_APPLIED, ev.event_id, applied.outcome)
+            await payment_inbox.mark_applied(conn, ev.event_id, applied.outcome)
         return applied
 
 
@@ -372,86 +371,26 @@ async def _after_commit(b: Backends, applied: Applied) -> None:
 
 
 # --------------------------------------------------------------------------- the inbox
-
-INBOX_BACKOFF_DOUBLINGS_MAX = 30  # 2**30 x base is far past any cap: no float overflow
-ERROR_MAX_CHARS = 500
-
-_INBOX_KEEP = """
-INSERT INTO payment_inbox (event_id, type, payment_id, order_id, amount_cents, payload)
-VALUES ($1, $2, $3, $4, $5, $6::jsonb)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING event_id
-"""
-
-_INBOX_KEPT_AT = """
-SELECT received_at FROM payment_inbox WHERE event_id = $1 AND applied_at IS NULL
-"""
-
-_INBOX_APPLIED = """
-UPDATE payment_inbox SET applied_at = now(), outcome = $2, last_error = NULL
-WHERE event_id = $1 AND applied_at IS NULL
-"""
-
-# a batch of due events, each claimed by pushing its next attempt out by its
-# backoff (base x 2^attempts, capped): a crashed or a concurrent loop leaves it
-# for that long, and applying twice is harmless (webhook_events decides)
-_INBOX_CLAIM = """
-WITH due AS (
-    SELECT event_id FROM payment_inbox
-    WHERE applied_at IS NULL AND next_attempt_at <= now()
-    ORDER BY next_attempt_at LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE payment_inbox i SET attempts = i.attempts + 1,
-    next_attempt_at = now() + make_interval(secs => least(
-        $3::float8, $2::float8 * power(2, least(i.attempts, $4::int))))
-FROM due WHERE i.event_id = due.event_id
-RETURNING i.event_id, i.type, i.payment_id, i.order_id, i.amount_cents
-"""
-
-_INBOX_STATS = """
-SELECT count(*) AS events,
-       coalesce(extract(epoch FROM now() - min(received_at)), 0)::float8 AS oldest_age_s
-FROM payment_inbox WHERE applied_at IS NULL
-"""
-
+# (its table and statements: commerce/payment_inbox.py)
 
 async def apply_inbox(b: Backends) -> int:
     """One bounded round of the inbox: each due event goes through the webhook's
     own path again (``_settle``): applied once its order is in PostgreSQL (paid,
     or refunded if released), refunded when the order can never be persisted,
     else left for its next attempt. Returns the events attempted."""
-    s = b.settings
-    rows = await b.pg.fetch(
-        _INBOX_CLAIM, s.payment_inbox_batch_max, s.payment_inbox_backoff_base_s,
-        s.payment_inbox_backoff_max_s, INBOX_BACKOFF_DOUBLINGS_MAX,
-    )
+    rows = await payment_inbox.claim(b)
     for r in rows:
         ev = Event(r["event_id"], r["type"], r["payment_id"], r["order_id"], r["amount_cents"])
         try:
             applied = await _settle(b, ev)
         except errors.InvalidRequest as exc:  # its payment no longer matches: never will
             log.error("inbox event %s rejected: %s", ev.event_id, exc.message)
-            await b.pg.execute(
-                "UPDATE payment_inbox SET applied_at = now(), outcome = 'rejected', "
-                "last_error = $2 WHERE event_id = $1 AND applied_at IS NULL",
-                ev.event_id, exc.message[:ERROR_MAX_CHARS],
-            )
+            await payment_inbox.reject(b, ev.event_id, exc.message)
             continue
         except (asyncpg.PostgresError, RedisError, OSError) as exc:  # retried at its next attempt
             log.warning("inbox event %s: attempt failed (%r)", ev.event_id, exc)
-            await b.pg.execute(
-                "UPDATE payment_inbox SET last_error = $2 WHERE event_id = $1",
-                ev.event_id, repr(exc)[:ERROR_MAX_CHARS],
-            )
+            await payment_inbox.note_error(b, ev.event_id, repr(exc))
             continue
         if applied is not None:
             await _after_commit(b, applied)
     return len(rows)
-
-
-async def inbox_stats(b: Backends) -> tuple[int, float]:
-    """Events kept and not applied yet, and the age in seconds of the oldest."""
-    row = await b.pg.fetchrow(_INBOX_STATS)
-    assert row is not None
-    return int(row["events"]), float(row["oldest_age_s"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from flashsale.commerce import payment
+from flashsale.commerce import payment_inbox
 from flashsale.core import live_sales
 from flashsale.core.backends import Backends
 from flashsale.ops import live
@@ -52,7 +52,7 @@ async def scrape(b: Backends, m: Metrics) -> None:
     except Exception:  # metrics must answer even when a backend does not
         m.stream_lag.set(float("nan"))
     try:
-        waiting, oldest_age_s = await payment.inbox_stats(b)
+        waiting, oldest_age_s = await payment_inbox.inbox_stats(b)
         m.payment_inbox_events.set(waiting)
         m.payment_inbox_oldest_age.set(oldest_age_s)
     except Exception:  # as above
