@@ -37,10 +37,8 @@ cluster, else ``nobody``) and their data directories are chowned to it.
 from __future__ import annotations
 
 import atexit
-import fcntl
 import os
 import re
-import secrets
 import signal
 import stat
 import threading
@@ -49,6 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from flashsale.run.embedded import datadir
 from flashsale.run.embedded import postgres_server as pg
 from flashsale.run.embedded.binaries import (
     PostgresBinaries,
@@ -70,7 +69,6 @@ from flashsale.run.embedded.redis_server import RedisSpec
 from flashsale.run.embedded.redis_server import wait_ready as wait_redis
 from flashsale.run.embedded.supervisor import RestartBudget, RestartPolicy, Slot, Supervisor
 from flashsale.run.embedded.users import RunAs, check_reachable, choose_run_as, private_dir
-from flashsale.run.secrets_file import keep_secrets
 
 if TYPE_CHECKING:
     from flashsale.config import Settings
@@ -85,11 +83,8 @@ __all__ = [
     "free_port",
 ]
 
-REDIS_PASSWORD_SECRET = "FLASHSALE_EMBEDDED_REDIS_PASSWORD"
-POSTGRES_PASSWORD_SECRET = "FLASHSALE_EMBEDDED_POSTGRES_PASSWORD"
 _APPENDFSYNC = ("always", "everysec", "no")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_PASSWORD_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")  # safe in a URL and a config file
 _PORT_ATTEMPTS = 5
 
 
@@ -103,14 +98,6 @@ class _Exited(Exception):
     @property
     def port_taken(self) -> bool:
         return ADDR_IN_USE in self.child.tail().lower()
-
-
-def _new_password() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def _redact(url: str | None) -> str | None:
-    return re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url) if url else url
 
 
 class EmbeddedServers:
@@ -154,7 +141,7 @@ class EmbeddedServers:
             if not _IDENT_RE.match(ident):
                 raise ValueError(f"{label} must be a plain SQL identifier, not {ident!r}")
         for label, password in (("redis", redis_password), ("postgres", postgres_password)):
-            if password is not None and not _PASSWORD_RE.match(password):
+            if password is not None and not datadir.PASSWORD_RE.match(password):
                 raise ValueError(f"{label}_password must be 16-128 of [A-Za-z0-9_-]")
         self.data_dir = Path(data_dir).resolve()
         self.want_redis = redis
@@ -234,8 +221,9 @@ class EmbeddedServers:
 
     def __repr__(self) -> str:
         return (
-            f"EmbeddedServers({str(self.data_dir)!r}, redis_url={_redact(self.redis_url)!r}, "
-            f"database_url={_redact(self.database_url)!r})"
+            f"EmbeddedServers({str(self.data_dir)!r}, "
+            f"redis_url={datadir.redact(self.redis_url)!r}, "
+            f"database_url={datadir.redact(self.database_url)!r})"
         )
 
     # -- failure listeners ------------------------------------------------------
@@ -315,7 +303,7 @@ class EmbeddedServers:
             self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise EmbeddedError(f"cannot create data directory {self.data_dir}: {exc}") from exc
-        self._acquire_lock()
+        self._lock = datadir.lock(self.data_dir)
         self._run_as = choose_run_as(self.data_dir, self.run_as_user)
         if self._run_as is not None:
             mode = self.data_dir.stat().st_mode
@@ -325,37 +313,13 @@ class EmbeddedServers:
 
     def _keep_passwords(self) -> None:
         """Passwords not given are the ones kept in secrets.json (made once)."""
-        names = {"redis": REDIS_PASSWORD_SECRET, "postgres": POSTGRES_PASSWORD_SECRET}
         wanted = {"redis": self.want_redis, "postgres": self.want_postgres}
-        missing = [s for s in names if wanted[s] and self._passwords[s] is None]
-        if not missing:
-            return
-        kept = keep_secrets(self.data_dir, {names[s]: _new_password for s in missing})
-        for server in missing:
-            self._passwords[server] = kept[names[server]]
+        self._passwords = datadir.keep_passwords(self.data_dir, self._passwords, wanted)
 
     def _password(self, server: str) -> str:
         password = self._passwords[server]
         assert password is not None, "set by _keep_passwords"
         return password
-
-    def _acquire_lock(self) -> None:
-        path = self.data_dir / ".embedded.lock"
-        lock = path.open("a+b")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().decode(errors="replace").strip() or "?"
-            lock.close()
-            raise EmbeddedError(
-                f"data directory {self.data_dir} is in use by another process (pid {holder}); "
-                "stop it or choose another FLASHSALE_DATA_DIR"
-            ) from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()).encode())
-        lock.flush()
-        self._lock = lock
 
     def _check_binary(self, binary: Path) -> None:
         if self._run_as is not None:
