@@ -32,6 +32,7 @@ from flashsale.events import Notifier
 from flashsale.integrations import Integrations
 from flashsale.metrics import Metrics
 from flashsale.persist import run_consumers
+from flashsale.room.admitter import Admitter
 from flashsale.saga import SagaRunner
 from flashsale.web import front
 from flashsale.web.app import Workers, _periodic_rebuild, create_app
@@ -209,6 +210,7 @@ async def _loop(s: Settings, which: str) -> int:
             coros = [
                 Compensator(b, m).run(stop), _periodic_rebuild(app, stop),
                 SagaRunner(b, integrations).run(stop), Notifier(b).run(stop),
+                Admitter(b).run(stop),  # the waiting rooms' admission (flashsale/room/)
             ]
             port = s.compensate_metrics_port
         tasks = [asyncio.ensure_future(c) for c in coros]
@@ -257,6 +259,7 @@ def _serve_many(settings: Settings, workers: int) -> int:
             "FLASHSALE_DATABASE_URL": s.database_url or "",
             "FLASHSALE_ADMIN_TOKEN": s.admin_token, "FLASHSALE_JWT_SECRET": s.jwt_secret,
             "FLASHSALE_WEBHOOK_SECRET": s.webhook_secret,
+            "FLASHSALE_PASS_SECRET": s.pass_secret,  # every front verifies the room's passes
         })
         cmd = [sys.executable, "-m", "flashsale", "serve", "--workers", "1"]
         children = [subprocess.Popen(cmd, env=env) for _ in range(workers)]

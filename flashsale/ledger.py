@@ -19,6 +19,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from flashsale import sales
 from flashsale.backends import Backends, as_text
+from flashsale.room.settings import RoomSettings
 
 log = logging.getLogger("flashsale.ledger")
 
@@ -92,6 +93,9 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.restocks], args=args
         )
     )
+    room = RoomSettings.from_row(row["waiting_room"])
+    if done and room is not None:  # the rebuilt hash gets its room settings back
+        await b.scripts.room_configure(keys=[k.sale], args=room.redis_args())
     if done == LOST_WRITES:
         log.warning("Redis lost writes of sale %s that PostgreSQL has (its stream is behind "
                     "the persisted entry %d-%d): rebuilt from PostgreSQL",

@@ -17,6 +17,7 @@ from redis.exceptions import ResponseError
 
 from flashsale import heartbeat, ledger, sales, validate
 from flashsale.backends import Backends
+from flashsale.room.tickets import figures_many as room_figures
 
 FIGURES = ("stock", "available", "pending", *ledger.STATUSES)
 
@@ -59,6 +60,7 @@ async def figures(b: Backends, rows: list[asyncpg.Record]) -> list[dict[str, Any
             pipe.xpending(k.stream, group)
             pipe.xlen(k.dlq)
         got = await pipe.execute(raise_on_error=False)
+    rooms = await room_figures(b, [r["sale_id"] for r in rows if r["waiting_room"] is not None])
     now = datetime.now(UTC)
     out = []
     for n, row in enumerate(rows):
@@ -85,6 +87,8 @@ async def figures(b: Backends, rows: list[asyncpg.Record]) -> list[dict[str, Any
                 "lag": _int_or(lag, 0), "pending_entries": pending_entries,
                 "dead_letters": _int_or(dlq, 0),
             },
+            # the waiting room's figures (issue 12), None for a sale without one
+            "waiting_room_figures": rooms.get(row["sale_id"]),
         })
     return out
 

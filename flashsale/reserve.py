@@ -102,6 +102,7 @@ class _Item:
     quantity: int
     idempotency_key: str | None
     future: asyncio.Future[Outcome]
+    ticket: str = field(default="")  # the waiting-room pass's ticket (verified by the front)
     order_id: str = field(default="")
     fingerprint: bytes = field(default=b"")
     record_key: bytes | None = field(default=None)  # the idempotency record's key, if keyed
@@ -182,7 +183,8 @@ def _pack(k: SaleKeys, items: list[_Item], now_ms: int) -> list[_Item]:
             item.record_key = k.idempotency(item.user_id, key).encode()
             flag, text = b"1", key.encode()
         item.packed = b"\x1f".join(
-            (item.order_id.encode(), user, b"%d" % item.quantity, flag, fp, text)
+            (item.order_id.encode(), user, b"%d" % item.quantity, flag, fp, text,
+             item.ticket.encode())
         )
         packed.append(item)
     return packed
@@ -220,7 +222,8 @@ class Reserver:
         return sum(len(lane.waiting) for lane in self._lanes.values())
 
     async def reserve(
-        self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None
+        self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None,
+        ticket: str = "",
     ) -> Outcome:
         lane = self._lanes.get(sale_id)
         if lane is None:
@@ -228,7 +231,7 @@ class Reserver:
         if len(lane.waiting) >= self._queue_max:
             raise errors.Overloaded()
         loop = asyncio.get_running_loop()
-        item = _Item(user_id, quantity, idempotency_key, loop.create_future())
+        item = _Item(user_id, quantity, idempotency_key, loop.create_future(), ticket)
         lane.waiting.append(item)
         self._schedule(sale_id, lane)
         try:
@@ -280,7 +283,9 @@ class Reserver:
             items = await self._claim(k, items)
         if not items:
             return None
-        keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
+        keys: list[Any] = [
+            k.sale, k.users, k.holds, k.pending, k.stream, k.void, k.room_used, k.room_admitted
+        ]
         args: list[Any] = [now_ms, self._b.settings.idempotency_ttl_s, len(items)]
         for item in items:
             keys.append(item.record_key or k.sale)

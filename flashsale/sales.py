@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 
 from flashsale import errors, validate
 from flashsale.backends import Backends, Conn
+from flashsale.room.settings import RoomSettings, public_of_row
 
 log = logging.getLogger("flashsale.sales")
 
@@ -33,7 +34,7 @@ _ALPHABET = string.ascii_lowercase + string.digits
 
 SALE_FIELDS = frozenset(
     {"sku", "name", "price_cents", "stock", "per_user_limit", "starts_at", "ends_at",
-     "hold_seconds"}
+     "hold_seconds", "waiting_room"}
 )
 
 
@@ -81,6 +82,7 @@ class NewSale:
     starts_at: datetime
     ends_at: datetime | None
     hold_seconds: int
+    waiting_room: RoomSettings | None = None
 
     @classmethod
     def parse(cls, body: dict[str, Any], now: datetime) -> NewSale:
@@ -99,6 +101,7 @@ class NewSale:
             starts_at=starts,
             ends_at=ends,
             hold_seconds=validate.integer(body, "hold_seconds", 1, HOLD_MAX_S, 600),
+            waiting_room=RoomSettings.parse(body.get("waiting_room")),
         )
 
 
@@ -112,13 +115,14 @@ def status_of(row: asyncpg.Record, available: int, now: datetime) -> str:
 
 async def load_into_redis(b: Backends, row: asyncpg.Record) -> int:
     k = b.keys(row["sale_id"])
-    loaded = await b.scripts.load_sale(
-        keys=[k.sale, k.stream, k.restocks],
-        args=[
-            row["stock"], row["per_user_limit"], row["price_cents"], to_ms(row["starts_at"]),
-            to_ms(row["ends_at"]), row["hold_seconds"] * 1000, b.settings.consumer_group,
-        ],
-    )
+    args: list[Any] = [
+        row["stock"], row["per_user_limit"], row["price_cents"], to_ms(row["starts_at"]),
+        to_ms(row["ends_at"]), row["hold_seconds"] * 1000, b.settings.consumer_group,
+    ]
+    room = RoomSettings.from_row(row["waiting_room"])
+    if room is not None:  # written with the counters: never a moment without the room
+        args += room.redis_args()
+    loaded = await b.scripts.load_sale(keys=[k.sale, k.stream, k.restocks], args=args)
     return int(loaded)
 
 
@@ -127,12 +131,13 @@ async def create(b: Backends, sale: NewSale) -> dict[str, Any]:
     row = await b.pg.fetchrow(
         """
         INSERT INTO sales (sale_id, sku, name, price_cents, stock, per_user_limit,
-                           starts_at, ends_at, hold_seconds)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                           starts_at, ends_at, hold_seconds, waiting_room)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
         RETURNING *
         """,
         sale_id, sale.sku, sale.name, sale.price_cents, sale.stock, sale.per_user_limit,
         sale.starts_at, sale.ends_at, sale.hold_seconds,
+        None if sale.waiting_room is None else sale.waiting_room.to_json(),
     )
     assert row is not None
     await load_into_redis(b, row)
@@ -174,6 +179,7 @@ def body(row: asyncpg.Record, available: int, now: datetime) -> dict[str, Any]:
         "ends_at": validate.iso(row["ends_at"]),
         "hold_seconds": row["hold_seconds"],
         "status": status_of(row, available, now),
+        "waiting_room": public_of_row(row.get("waiting_room")),
     }
 
 

@@ -41,6 +41,12 @@ SCRIPT_FILES = {
     "end_sale": "end_sale-1.lua",
     "undo_delivery": "undo_delivery-1.lua",
     "resolve_orders": "resolve_orders-3.lua",
+    # the waiting room (flashsale/room/)
+    "room_join": "room_join-6.lua",
+    "room_poll": "room_poll-7.lua",
+    "room_admit": "room_admit-8.lua",
+    "room_close": "room_close-3.lua",
+    "room_configure": "room_configure-1.lua",
 }
 
 
@@ -57,6 +63,11 @@ class Scripts:
     end_sale: AsyncScript
     undo_delivery: AsyncScript
     resolve_orders: AsyncScript
+    room_join: AsyncScript
+    room_poll: AsyncScript
+    room_admit: AsyncScript
+    room_close: AsyncScript
+    room_configure: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
@@ -88,6 +99,7 @@ RESERVE_ERRORS: dict[int, type[errors.FlashsaleError]] = {
     -3: errors.IdempotencyKeyReused,
     -4: errors.LimitExceeded,
     -5: errors.SoldOut,
+    -7: errors.PassRequired,  # the sale has a waiting room: no pass, or a spent one
 }
 CODE_OF_ERROR = {cls.code: code for code, cls in RESERVE_ERRORS.items()}
 # the order id was voided by resolve_orders (its reply was lost and it had not

@@ -21,8 +21,9 @@ from flashsale.events import Notifier
 from flashsale.metrics import Metrics
 from flashsale.persist import run_consumers
 from flashsale.reserve import Reserver
+from flashsale.room.admitter import Admitter
 from flashsale.saga import SagaRunner
-from flashsale.web import admin, ops, payments, request_id, routes
+from flashsale.web import admin, ops, payments, request_id, room, routes
 from flashsale.web.keys import (
     ADMISSION,
     AUTH,
@@ -95,6 +96,7 @@ def _workers_ctx(
         if workers.compensator:
             loops.append(Compensator(b, m).run)
             loops.append(lambda ev: _periodic_rebuild(app, ev))
+            loops.append(Admitter(b).run)  # the waiting rooms' one admission loop
         if workers.saga or workers.compensator:
             loops.append(SagaRunner(b, app[INTEGRATIONS]).run)
             loops.append(Notifier(b).run)
@@ -130,5 +132,6 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     ops.add_routes(app)
     payments.setup(app)
     admin.setup(app)  # the operator's view: /admin, end sale, the live event stream
+    room.setup(app)  # the waiting room (contract v1.1)
     request_id.setup(app)
     return app

@@ -294,6 +294,13 @@ SCHEMA: dict[int, dict[str, Table]] = {
                                "payment_inbox_waiting"}),
         ),
     },
+    5: {
+        # the sale's optional waiting room (issue 12)
+        "sales": Table(
+            columns=(("waiting_room", "jsonb", NULL),),
+            constraints={"sales_waiting_room_check": "c"},
+        ),
+    },
 }
 
 # the migrations runner's own ledger, present whatever the migrations are
