@@ -22,8 +22,9 @@ ARGV[3]  sweep_max      at most this many dropped tickets and lapsed passes reti
 ARGV[4]  window_ms      the measured rate counts the admissions of this last window
 
 Rate: a token bucket kept in the room hash (tokens, last_ms): each call adds
-(now_ms - last_ms) x rate / 1000 tokens, up to a burst of max(1, rate / 10),
-and admits at most floor(tokens). The bucket is in Redis, so any number of
+(now_ms - last_ms) x rate / 1000 tokens, up to a burst of max(1, rate / 2)
+(half a second's worth: an admitter step delayed by up to 500 ms loses nothing),
+starting from 1 token, and admits at most floor(tokens). The bucket is in Redis, so any number of
 admitters (two compensators) together admit at most the rate; a clock behind
 last_ms adds nothing.
 Stock: admits while the unused passes (admitted zset) stay below
@@ -36,7 +37,7 @@ Returns {code, admitted, expired, available, closed, waiting}
 Checks first, writes last: everything is read and computed before the first
 write, and no write can fail.
 Guarantee: a ticket is admitted once, only while its heartbeat is live; never
-more than `rate` per second over any interval (plus the burst) for the whole sale.
+more than `rate` per second over any interval T (at most rate x T + burst) for the whole sale.
 ]]
 local now_ms, batch_max = tonumber(ARGV[1]), tonumber(ARGV[2])
 local sweep_max, window_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -74,8 +75,8 @@ end
 local outstanding = redis.call('ZCARD', KEYS[6]) - #lapsed
 local waiting = redis.call('ZCARD', KEYS[3])
 
-local burst = math.max(1, rate / 10)
-if not tokens then tokens = burst end
+local burst = math.max(1, rate / 2)
+if not tokens then tokens = 1 end
 if not last_ms then last_ms = now_ms end
 if now_ms > last_ms then
   tokens = math.min(burst, tokens + (now_ms - last_ms) * rate / 1000)
