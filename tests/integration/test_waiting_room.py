@@ -32,6 +32,11 @@ from tests.support import Api, eventually, running_app
 ROOM = {"admit_per_s": 1000, "pass_seconds": 60}
 
 
+def raw(b: Backends) -> Any:
+    """The Redis client, untyped: replies here are bytes (decode_responses off)."""
+    return b.redis
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -70,7 +75,7 @@ async def join_direct(
 ) -> list[str]:
     """Tickets taken through the join script itself (fast, for thousands)."""
     k = b.keys(sid)
-    async with b.redis.pipeline(transaction=False) as pipe:
+    async with raw(b).pipeline(transaction=False) as pipe:
         for u in users:
             await b.scripts.room_join(
                 keys=rk.join_keys(k),
@@ -84,7 +89,7 @@ async def join_direct(
 
 async def admission_order(b: Backends, sid: str) -> list[str]:
     """Admitted tickets, by admission time (their pass expiry = admitted + pass time)."""
-    recs = await b.redis.hgetall(b.keys(sid).room_tickets)
+    recs = await raw(b).hgetall(b.keys(sid).room_tickets)
     admitted = []
     for t, rec in recs.items():
         state, exp, _user = rec.decode().split("\t", 2)
@@ -161,7 +166,7 @@ async def test_lottery_favours_no_join_slot(api: Api) -> None:
         )
         assert int(loaded) == 1
         joined = await join_direct(b, sid, [f"u{i}" for i in range(n)], future - 1000)
-        async with b.redis.pipeline(transaction=False) as pipe:
+        async with raw(b).pipeline(transaction=False) as pipe:
             for i in range(n):
                 await b.scripts.room_admit(
                     keys=rk.admit_keys(k), args=[future + 1 + i, 1, 1000, 10_000], client=pipe
@@ -265,6 +270,7 @@ async def test_a_sale_without_a_room_behaves_as_before(api: Api) -> None:
 
 
 async def test_room_settings_are_validated_and_shown(api: Api) -> None:
+    bad: Any
     for bad in ({"admit_per_s": 0}, {"admit_per_s": 100_001}, {"admit_per_s": 5, "x": 1},
                 {"admit_per_s": 5, "pass_seconds": 9}, {"admit_per_s": 5, "oversubscribe": 11},
                 {"admit_per_s": 5, "oversubscribe": True}, {}, [], "on"):
@@ -313,8 +319,8 @@ async def measured_rate(b: Backends, sid: str, settle_s: float) -> tuple[float, 
     """The admission rate from the room's own log (each step's Redis-side stamp
     and count), between its first and last step after ``settle_s``."""
     entries = []
-    for raw in await b.redis.lrange(b.keys(sid).room_log, 0, -1):
-        ms, n = raw.decode().split(":")
+    for entry in await raw(b).lrange(b.keys(sid).room_log, 0, -1):
+        ms, n = entry.decode().split(":")
         entries.append((int(ms), int(n)))
     entries.sort()
     t0 = entries[0][0] + settle_s * 1000
@@ -359,7 +365,7 @@ async def test_abandoned_tickets_never_hold_the_inlet(api: Api) -> None:
     per_second = []
     for s in range(60):
         at = t0 + s * 1000
-        async with b.redis.pipeline(transaction=False) as pipe:
+        async with raw(b).pipeline(transaction=False) as pipe:
             for t, u in polling.items():
                 await b.scripts.room_poll(keys=rk.poll_keys(k), args=[at, t, u], client=pipe)
             await pipe.execute()
@@ -368,15 +374,15 @@ async def test_abandoned_tickets_never_hold_the_inlet(api: Api) -> None:
             admitted += await admit_at(b, sid, at + step * 100 + 100, batch_max=2000)
         per_second.append(admitted)
     assert all(9 <= n <= 11 for n in per_second[1:]), per_second
-    recs = await b.redis.hgetall(k.room_tickets)
+    recs = await raw(b).hgetall(k.room_tickets)
     late_abandoned = [
         t for t, rec in recs.items()
         if t.decode() not in polling and rec.startswith(b"a")
         and int(rec.split(b"\t")[1]) - 10_000 > t0 + 31_000
     ]
     assert not late_abandoned, "an abandoned ticket was admitted after its grace"
-    states = {}
-    async with b.redis.pipeline(transaction=False) as pipe:
+    states: dict[str, int] = {}
+    async with raw(b).pipeline(transaction=False) as pipe:
         for t, u in zip(tickets, users, strict=True):
             if t not in polling:
                 await b.scripts.room_poll(
@@ -401,7 +407,7 @@ async def live_api(settings: Settings) -> AsyncIterator[Api]:
 async def states_of(b: Backends, sid: str, tickets: dict[str, str]) -> dict[str, int]:
     k = b.keys(sid)
     out: dict[str, int] = {}
-    async with b.redis.pipeline(transaction=False) as pipe:
+    async with raw(b).pipeline(transaction=False) as pipe:
         for t, u in tickets.items():
             await b.scripts.room_poll(keys=rk.poll_keys(k), args=[now_ms(), t, u], client=pipe)
         for got in await pipe.execute():
@@ -413,8 +419,8 @@ async def states_of(b: Backends, sid: str, tickets: dict[str, str]) -> dict[str,
 async def use_passes(api: Api, sid: str, tickets: dict[str, str], n: int) -> list[tuple[str, str]]:
     """n admitted tickets reserve one unit each with their pass (read by polling)."""
     b = api.backends
-    recs = await b.redis.hgetall(b.keys(sid).room_tickets)
-    used = set((await b.redis.hgetall(b.keys(sid).room_used)).keys())
+    recs = await raw(b).hgetall(b.keys(sid).room_tickets)
+    used = set((await raw(b).hgetall(b.keys(sid).room_used)).keys())
     admitted = [t.decode() for t, rec in recs.items() if rec.startswith(b"a") and t not in used]
     chosen = admitted[:n]
     assert len(chosen) == n, (len(admitted), n)
