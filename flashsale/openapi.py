@@ -941,9 +941,170 @@ def _operator_paths() -> JSONObject:
     }
 
 
+# --------------------------------------------------------------------------- waiting room (v1.1)
+# One block (issue 12): its schemas, the sale's `waiting_room`, the pass on createOrder and
+# the room's paths are added to the document by _add_waiting_room.
+
+TICKET_STATES: Final = ("waiting", "admitted", "used", "sold_out", "expired")
+
+
+def _waiting_room_schemas() -> JSONObject:
+    from flashsale.room import settings as rs
+
+    settings_props = {
+        "admit_per_s": _integer(rs.ADMIT_PER_S_MIN, rs.ADMIT_PER_S_MAX,
+                                description="Admissions per second for the whole sale."),
+        "pass_seconds": _integer(rs.PASS_SECONDS_MIN, rs.PASS_SECONDS_MAX,
+                                 default=rs.PASS_SECONDS_DEFAULT,
+                                 description="How long a pass stays valid."),
+        "oversubscribe": {"type": "number", "minimum": rs.OVERSUBSCRIBE_MIN,
+                          "maximum": rs.OVERSUBSCRIBE_MAX, "default": rs.OVERSUBSCRIBE_DEFAULT,
+                          "description": "Unused passes stay below available x this."},
+    }
+    count = _integer(0)
+    return {
+        "WaitingRoomCreate": _object(settings_props, required=("admit_per_s",),
+                                     description="A sale's waiting room."),
+        "WaitingRoom": _object(settings_props, description="A sale's waiting room."),
+        "Ticket": _object(
+            {
+                "ticket_id": _string(max_length=80),
+                "sale_id": _string(description="Sale identifier.", pattern=ID_PATTERN),
+                "state": _enum(TICKET_STATES, "The ticket's state."),
+                "position": {"type": ["integer", "null"], "minimum": 0,
+                             "description": "Live tickets ahead; null unless waiting after "
+                             "the start."},
+                "eta_seconds": {
+                    "oneOf": [_object({"low": _integer(0), "high": _integer(0)}),
+                              {"type": "null"}],
+                    "description": "A range from the admissions measured lately; null when "
+                    "unknown (paused, waiting on held stock) or not waiting.",
+                },
+                "poll_after_ms": _integer(1000, 30000, description="Poll again after this; "
+                                          "a ticket not polled within max(3 x this, 30 s) "
+                                          "is dropped."),
+                "pass": {"type": ["string", "null"],
+                         "description": "Send as header `Flashsale-Pass` with the order."},
+                "pass_expires_at": _timestamp(nullable=True),
+            },
+            description="A buyer's place in a sale's waiting room.",
+        ),
+        "WaitingRoomFigures": _object(
+            {
+                "waiting": count, "admitted_outstanding": count, "admitted_total": count,
+                "used": count, "expired": count,
+                "admit_per_s": _integer(rs.ADMIT_PER_S_MIN, rs.ADMIT_PER_S_MAX),
+                "measured_admit_per_s": {"type": "number", "minimum": 0},
+                "paused": {"type": "boolean"},
+            },
+            description="The waiting room now.",
+        ),
+        "WaitingRoomPatch": _object(
+            {"admit_per_s": _integer(rs.ADMIT_PER_S_MIN, rs.ADMIT_PER_S_MAX),
+             "paused": {"type": "boolean"}},
+            required=(), description="Change the rate, pause or resume.",
+        ),
+    }
+
+
+def _waiting_room_paths() -> JSONObject:
+    sale_id = _ref("parameters", "SaleId")
+    ticket_id = _path_param("ticket_id", "Ticket identifier.")
+    room_off = _error_response("The sale has no waiting room.", ["waiting_room_off"])
+    return {
+        "/api/v1/sales/{sale_id}/queue": {
+            "post": _operation(
+                "joinQueue", "Take a ticket in the sale's waiting room", "waiting room", "buyer",
+                {
+                    "201": _response("A new ticket.", _schema("Ticket")),
+                    "200": _response("The buyer's existing ticket.", _schema("Ticket")),
+                    "404": _sale_not_found(),
+                    "409": _error_response(
+                        "No room on this sale, nothing can be had, or the sale ended.",
+                        ["waiting_room_off", "sold_out", "sale_not_active"]),
+                    "429": _error_response("Too many requests.", ["rate_limited"],
+                                           retry_after=True),
+                    "503": _unavailable(("overloaded", "unavailable")),
+                },
+                description="No body. One ticket per buyer and sale.",
+                parameters=[sale_id],
+            )
+        },
+        "/api/v1/sales/{sale_id}/queue/{ticket_id}": {
+            "get": _operation(
+                "getTicket", "Read (and keep alive) my ticket", "waiting room", "buyer",
+                {
+                    "200": _response("The ticket.", _schema("Ticket")),
+                    "404": _error_response("No such ticket of this buyer.",
+                                           ["ticket_not_found", "sale_not_found"]),
+                    "429": _error_response("Too many requests.", ["rate_limited"],
+                                           retry_after=True),
+                    "503": _unavailable(),
+                },
+                description="Polling is the heartbeat: poll again after `poll_after_ms`.",
+                parameters=[sale_id, ticket_id],
+            )
+        },
+        "/api/v1/admin/sales/{sale_id}/waiting-room": {
+            "get": _operation(
+                "getWaitingRoom", "The waiting room's figures", "admin", "admin",
+                {"200": _response("The figures.", _schema("WaitingRoomFigures")),
+                 "404": _sale_not_found(), "409": room_off, "503": _unavailable()},
+                parameters=[sale_id],
+            ),
+            "patch": _operation(
+                "patchWaitingRoom", "Pause, resume, change the rate", "admin", "admin",
+                {"200": _response("The figures.", _schema("WaitingRoomFigures")),
+                 "400": _bad_request("wrong types, out of bounds, unknown fields"),
+                 "404": _sale_not_found(), "409": room_off, "503": _unavailable()},
+                parameters=[sale_id],
+                request_body=_request_body("WaitingRoomPatch", "The fields to change.",
+                                           {"paused": True}),
+            ),
+        },
+        "/sales/{sale_id}/wait": {
+            "get": _operation(
+                "waitingPage", "The waiting page (HTML)", "waiting room", "public",
+                {"200": {"description": "The page: it takes the buyer's token, joins, shows "
+                         "position and ETA, and reserves with the pass once admitted.",
+                         "content": {"text/html": {"schema": {"type": "string"}}}},
+                 "404": _sale_not_found()},
+                parameters=[sale_id],
+            )
+        },
+    }
+
+
+def _add_waiting_room(doc: JSONObject) -> JSONObject:
+    comps = doc["components"]
+    comps["schemas"].update(_waiting_room_schemas())
+    comps["schemas"]["SaleCreate"]["properties"]["waiting_room"] = {
+        "oneOf": [_schema("WaitingRoomCreate"), {"type": "null"}], "default": None,
+        "description": "(v1.1) A waiting room in front of the sale; null: none.",
+    }
+    sale = comps["schemas"]["Sale"]
+    sale["properties"]["waiting_room"] = {"oneOf": [_schema("WaitingRoom"), {"type": "null"}]}
+    sale["required"] = [*sale["required"], "waiting_room"]
+    comps["parameters"]["FlashsalePass"] = {
+        "name": "Flashsale-Pass", "in": "header", "required": False,
+        "description": "(v1.1) The pass of an admitted waiting-room ticket; required on a "
+        "sale with a waiting room.",
+        "schema": _string(max_length=512),
+    }
+    order = doc["paths"]["/api/v1/sales/{sale_id}/orders"]["post"]
+    order["parameters"].append(_ref("parameters", "FlashsalePass"))
+    order["responses"]["403"] = _error_response(
+        "The sale has a waiting room and no valid pass was sent (missing, forged, expired, "
+        "another buyer's or another sale's, or already used for an order).", ["pass_required"])
+    order["responses"] = dict(sorted(order["responses"].items()))
+    doc["paths"].update(_waiting_room_paths())
+    doc["tags"].append({"name": "waiting room", "description": "(v1.1) The waiting room."})
+    return doc
+
+
 def build_openapi() -> dict[str, Any]:
     """Return the OpenAPI 3.1.0 document of every endpoint of the v1 contract."""
-    return {
+    return _add_waiting_room({
         "openapi": OPENAPI_VERSION,
         "info": {
             "title": "flashsale",
@@ -972,4 +1133,4 @@ def build_openapi() -> dict[str, Any]:
             **_operator_paths(),
         },
         "components": _components(),
-    }
+    })
