@@ -12,6 +12,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -499,3 +500,30 @@ async def test_stock_bound_expired_holds_offered_on_and_sold_out(live_api: Api) 
 
 async def _zcard_is(b: Backends, key: str, n: int) -> bool:
     return int(await b.redis.zcard(key)) == n
+
+
+async def test_tickets_are_capped_per_sale(settings: Settings) -> None:
+    """Past FLASHSALE_ROOM_TICKETS_MAX tickets, a join is 503 overloaded with
+    Retry-After; a buyer who has a ticket still gets it (200). Redis bytes per
+    waiting ticket are measured (MEMORY USAGE of the room's keys)."""
+    async with running_app(replace(settings, room_tickets_max=3)) as api:
+        sid = await room_sale(api, stock=10)
+        for i in range(3):
+            assert (await join(api, sid, f"cap-{i}"))[0] == 201
+        status, body, resp = await api.request(
+            "POST", f"/api/v1/sales/{sid}/queue", headers=api.buyer("cap-3")
+        )
+        assert status == 503 and body["error"]["code"] == "overloaded", body
+        assert resp.headers["Retry-After"] == "1"
+        assert (await join(api, sid, "cap-0"))[0] == 200
+    async with running_app(settings) as api:
+        b = api.backends
+        sid = await room_sale(api, stock=10)
+        k = b.keys(sid)
+        await join_direct(b, sid, [f"m-{i}" for i in range(10_000)], now_ms())
+        used = 0
+        for key in (k.room_queue, k.room_tickets, k.room_buyers, k.room_beats):
+            used += int(await b.redis.memory_usage(key, samples=0) or 0)
+        per_ticket = used / 10_000
+        print(f"Redis bytes per waiting ticket: {per_ticket:.0f}")
+        assert per_ticket < 512, per_ticket  # measured: ~430 B (two zsets, two hashes)
