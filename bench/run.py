@@ -38,6 +38,7 @@ import uvloop
 from redis.asyncio import Redis
 
 from bench import loadgen, report
+from bench import room as bench_room
 from bench.drain import DrainResult, measure_drain
 from bench.lab import Lab, Options
 from bench.measure import SystemResult, measure
@@ -45,7 +46,7 @@ from bench.targets import EchoTarget, FlashsaleTarget, NaivePgTarget
 from flashsale import auth, migrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain")
+SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain", "room")
 TOKEN_TTL_S = 6 * 3600
 
 
@@ -303,6 +304,11 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
               f"{opts.duration_s:g} s, load generator {opts.loadgen}, servers "
               f"{'embedded' if server_pids else 'given'}", flush=True)
         results, drain = await _systems(lab)
+        if "room" in opts.systems:  # the waiting room's costs: room.md, room.json
+            print("== waiting room (polls/s vs echo, joins/s, bytes per ticket)", flush=True)
+            room_md, _room_js = bench_room.write(await bench_room.measure_room(lab),
+                                                 opts.out_dir)
+            print(room_md.read_text())
         meta = {
             "started": started, "machine": machine(), "cores": os.cpu_count(),
             "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
