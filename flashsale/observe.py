@@ -50,9 +50,9 @@ def _rooms(m: Metrics, sales: list[dict[str, Any]]) -> None:
         m.room_admit_rate.labels(sid, "configured").set(w["admit_per_s"])
         m.room_admit_rate.labels(sid, "measured").set(w["measured_admit_per_s"])
         m.room_paused.labels(sid).set(1 if w["paused"] else 0)
-        if w["eta_last_seconds"] is not None:
-            m.room_last_eta.labels(sid, "low").set(w["eta_last_seconds"]["low"])
-            m.room_last_eta.labels(sid, "high").set(w["eta_last_seconds"]["high"])
+        if w["eta_last_low_s"] is not None:
+            m.room_last_eta.labels(sid, "low").set(w["eta_last_low_s"])
+            m.room_last_eta.labels(sid, "high").set(w["eta_last_high_s"])
 
 
 async def refresh(b: Backends, m: Metrics) -> None:

@@ -142,7 +142,9 @@ async def figures_many(b: Backends, sale_ids: list[str]) -> dict[str, dict[str, 
             "measured_admit_per_s": round(r.measured, 3),
             "paused": r.paused,
             "closed": r.closed,
-            "eta_last_seconds": None if last is None else {"low": last[0], "high": last[1]},
+            # the ETA of the last place (None: unknown, paused or waiting on held stock)
+            "eta_last_low_s": None if last is None else last[0],
+            "eta_last_high_s": None if last is None else last[1],
         }
     return out
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from flashsale import live
 from flashsale.backends import Backends
 from flashsale.config import Settings
 from flashsale.room import keys as rk
@@ -527,3 +528,22 @@ async def test_tickets_are_capped_per_sale(settings: Settings) -> None:
         per_ticket = used / 10_000
         print(f"Redis bytes per waiting ticket: {per_ticket:.0f}")
         assert per_ticket < 512, per_ticket  # measured: ~430 B (two zsets, two hashes)
+
+
+async def test_room_figures_on_metrics_and_the_live_snapshot(api: Api) -> None:
+    """/metrics has the room's gauges; the dashboard's snapshot has its figures."""
+    sid = await room_sale(api, {"admit_per_s": 4}, stock=10)
+    for i in range(3):
+        await join(api, sid, f"met-{i}")
+    await Admitter(api.backends).step(sid)  # one token at the start: one admitted
+    status, text, _ = await api.request("GET", "/metrics")
+    assert status == 200
+    assert f'flashsale_room_tickets{{sale_id="{sid}",state="waiting"}} 2.0' in text
+    assert f'flashsale_room_tickets{{sale_id="{sid}",state="admitted"}} 1.0' in text
+    assert f'flashsale_room_admit_per_second{{kind="configured",sale_id="{sid}"}} 4.0' in text
+    assert f'flashsale_room_last_place_eta_seconds{{bound="high",sale_id="{sid}"}}' in text
+    snap = await live.snapshot(api.backends)
+    mine = next(s for s in snap["sales"] if s["sale"]["sale_id"] == sid)
+    w = mine["waiting_room_figures"]
+    assert w["waiting"] == 2 and w["admitted_total"] == 1 and w["eta_last_high_s"] >= 1, w
+    assert mine["sale"]["waiting_room"]["admit_per_s"] == 4
