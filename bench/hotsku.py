@@ -103,7 +103,8 @@ async def _one(r: Redis, scripts: Scripts, aof: str, outcome: str, batch: int,
     calls: list[tuple[list[Any], list[Any]]] = []
     n = 0
     while n < decisions:
-        keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
+        keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void,
+                           k.room_used, k.room_admitted]
         args: list[Any] = [now_ms, IDEM_TTL_S, batch]
         for _ in range(batch):
             user, key = f"u{n:07d}", f"hot-{n}"
@@ -123,7 +124,7 @@ async def _one(r: Redis, scripts: Scripts, aof: str, outcome: str, batch: int,
             for code in res[0::2]:
                 codes[str(int(code))] = codes.get(str(int(code)), 0) + 1
 
-    await scripts.reserve_batch(keys=calls[0][0][:6], args=[now_ms, IDEM_TTL_S, 0])
+    await scripts.reserve_batch(keys=calls[0][0][:8], args=[now_ms, IDEM_TTL_S, 0])
     main0, all0 = await _cpu(r)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))

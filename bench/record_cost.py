@@ -61,7 +61,8 @@ async def _run(r: Redis, scripts: Scripts, orders: int, batch: int, keyed: bool,
     s0 = await _stats(r)
     accepted = 0
     for start in range(0, orders, batch):
-        keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
+        keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void,
+                           k.room_used, k.room_admitted]
         args: list[Any] = [now_ms, 600, min(batch, orders - start)]
         for i in range(start, min(start + batch, orders)):
             user = f"user-{i:08d}"

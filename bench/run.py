@@ -39,6 +39,7 @@ import uvloop
 from redis.asyncio import Redis
 
 from bench import loadgen, procs, report
+from bench import room as bench_room
 from bench.drain import DrainResult, measure_drain
 from bench.history import measure_history
 from bench.hotsku import measure_hot_sku
@@ -50,7 +51,8 @@ from flashsale import auth
 from flashsale.core import migrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain", "openloop", "hotsku", "history")
+SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain", "openloop", "hotsku", "history",
+           "room")
 TOKEN_TTL_S = 6 * 3600
 
 
@@ -362,6 +364,11 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
               f"{'embedded' if server_pids else 'given'}", flush=True)
         results, drain = await _systems(lab)
         extras = await _extras(lab, admin_dsn, results)
+        if "room" in opts.systems:  # the waiting room's costs: room.md, room.json
+            print("== waiting room (polls/s vs echo, joins/s, bytes per ticket)", flush=True)
+            room_md, _room_js = bench_room.write(await bench_room.measure_room(lab),
+                                                 opts.out_dir)
+            print(room_md.read_text())
         meta = {
             "started": started, "machine": machine(), "cores": os.cpu_count(),
             "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),

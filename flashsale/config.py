@@ -94,6 +94,7 @@ class Settings:
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     jwt_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     webhook_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    pass_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # room passes
     generated: tuple[str, ...] = ()
     key_prefix: str = "fs"
     redis_cluster: bool = False
@@ -170,6 +171,9 @@ class Settings:
     live_sales_max: int = 100  # sales shown, exported with a sale_id label, reconciled --all
     # an ended sale stays live at least this long, then until it is drained (core/live_sales.py)
     live_ended_grace_s: int = 3600
+    # waiting room (flashsale/room/): tickets per sale, the admitter's step
+    room_tickets_max: int = 1_000_000
+    room_admit_interval_ms: int = 100
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -181,6 +185,7 @@ class Settings:
             ("FLASHSALE_ADMIN_TOKEN", "admin_token"),
             ("FLASHSALE_JWT_SECRET", "jwt_secret"),
             ("FLASHSALE_WEBHOOK_SECRET", "webhook_secret"),
+            ("FLASHSALE_PASS_SECRET", "pass_secret"),
         ):
             raw = env.get(var)
             if raw is None or raw == "":
@@ -260,9 +265,12 @@ class Settings:
             ),
             live_sales_max=_int(env, "FLASHSALE_LIVE_SALES_MAX", 100, 1, 1000),
             live_ended_grace_s=_int(env, "FLASHSALE_LIVE_ENDED_GRACE_S", 3600, 0, 30 * 86_400),
+            room_tickets_max=_int(env, "FLASHSALE_ROOM_TICKETS_MAX", 1_000_000, 1, 100_000_000),
+            room_admit_interval_ms=_int(env, "FLASHSALE_ROOM_ADMIT_INTERVAL_MS", 100, 10, 1000),
             admin_token=secrets_["admin_token"],
             jwt_secret=secrets_["jwt_secret"],
             webhook_secret=secrets_["webhook_secret"],
+            pass_secret=secrets_["pass_secret"],
         )
 
     def with_urls(self, redis_url: str | None, database_url: str | None) -> Settings:

@@ -31,6 +31,24 @@ class Unauthorized(FlashsaleError):
     status, code = 401, "unauthorized"
 
 
+class PassRequired(FlashsaleError):
+    """This sale has a waiting room: send the pass it gave you (header Flashsale-Pass)."""
+
+    status, code = 403, "pass_required"
+
+
+class TicketNotFound(FlashsaleError):
+    """No such ticket."""
+
+    status, code = 404, "ticket_not_found"
+
+
+class WaitingRoomOff(FlashsaleError):
+    """This sale has no waiting room."""
+
+    status, code = 409, "waiting_room_off"
+
+
 class SaleNotFound(FlashsaleError):
     """No such sale."""
 

@@ -216,6 +216,105 @@ class ViralBuyer(HttpUser):
             count("paid")
 
 
+ROOM_POLLS_MAX = 600  # a RoomBuyer gives up after this many polls
+
+
+def _room_sale(host: str) -> str:
+    """LOADTEST_ROOM_SALE_ID, or a sale with a waiting room made once here."""
+    with _lock:
+        if "room_sale_id" in _state:
+            return _state["room_sale_id"]
+        sale_id = os.environ.get("LOADTEST_ROOM_SALE_ID")
+        if not sale_id:
+            admin = os.environ["FLASHSALE_ADMIN_TOKEN"]
+            body: dict[str, Any] = {
+                "sku": "LOCUST-ROOM", "name": "locust room", "price_cents": 2500,
+                "stock": int(os.environ.get("LOADTEST_STOCK", "2000")), "per_user_limit": 1,
+                "waiting_room": {
+                    "admit_per_s": int(_env_float("LOADTEST_ROOM_ADMIT_PER_S", 50)),
+                    "pass_seconds": 120,
+                },
+            }
+            resp = requests.post(f"{host.rstrip('/')}/api/v1/sales", json=body, timeout=10,
+                                 headers={"Authorization": f"Bearer {admin}"})
+            resp.raise_for_status()
+            sale_id = str(resp.json()["sale_id"])
+        _state["room_sale_id"] = sale_id
+        return sale_id
+
+
+class RoomBuyer(HttpUser):
+    """A buyer of a sale with a waiting room (issue 12): joins the queue, polls
+    its ticket at the ``poll_after_ms`` the server asks for (the heartbeat),
+    and once admitted reserves with the pass (header Flashsale-Pass, the ticket
+    id as Idempotency-Key). Then a new identity. Not run unless chosen:
+    ``LOADTEST_ROOM=1 locust -f loadtest/locustfile.py RoomBuyer`` (the sale is
+    LOADTEST_ROOM_SALE_ID, or one with a room made at LOADTEST_ROOM_ADMIT_PER_S,
+    default 50/s)."""
+
+    abstract = os.environ.get("LOADTEST_ROOM", "") != "1"  # the spike runs ViralBuyer only
+    wait_time = between(0.1, 0.5)
+
+    def on_start(self) -> None:
+        self._secret = os.environ["FLASHSALE_JWT_SECRET"]
+        self.sale_id = _room_sale(self.host or "")
+        self._new_identity()
+
+    def _new_identity(self) -> None:
+        self.user_id = "lr-" + secrets.token_hex(6)
+        token = auth.mint(self._secret, self.user_id, 3600)
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    @task
+    def wait_and_buy(self) -> None:
+        base = f"/api/v1/sales/{self.sale_id}/queue"
+        with self.client.post(base, headers=self.headers, name="POST /api/v1/sales/[sale]/queue",
+                              catch_response=True) as resp:
+            if resp.status_code == 409 and _error_code(resp) == "sold_out":
+                resp.success()
+                count("room_sold_out_at_join")
+                self._new_identity()
+                return
+            if resp.status_code not in (200, 201):
+                resp.failure(f"join: HTTP {resp.status_code} {_error_code(resp)}")
+                time.sleep(float(resp.headers.get("Retry-After", "1")))
+                return
+            ticket = dict(resp.json())
+        count("room_joined")
+        for _ in range(ROOM_POLLS_MAX):
+            state = ticket["state"]
+            if state == "admitted":
+                self._reserve(ticket)
+                break
+            if state != "waiting":
+                count(f"room_{state}")
+                break
+            time.sleep(ticket["poll_after_ms"] / 1000)
+            with self.client.get(f"{base}/{ticket['ticket_id']}", headers=self.headers,
+                                 name="GET /api/v1/sales/[sale]/queue/[ticket]",
+                                 catch_response=True) as resp:
+                if resp.status_code != 200:
+                    resp.failure(f"poll: HTTP {resp.status_code} {_error_code(resp)}")
+                    time.sleep(1.0)
+                    continue
+                ticket = dict(resp.json())
+        self._new_identity()
+
+    def _reserve(self, ticket: dict[str, Any]) -> None:
+        headers = {**self.headers, "Flashsale-Pass": ticket["pass"],
+                   "Idempotency-Key": ticket["ticket_id"]}
+        with self.client.post(f"/api/v1/sales/{self.sale_id}/orders", json={"quantity": 1},
+                              headers=headers, name="POST /api/v1/sales/[sale]/orders (pass)",
+                              catch_response=True) as resp:
+            if resp.status_code == 202:
+                count("room_accepted")
+            elif resp.status_code == 409:
+                resp.success()
+                count(f"room_{_error_code(resp)}")
+            else:
+                resp.failure(f"reserve with pass: HTTP {resp.status_code} {_error_code(resp)}")
+
+
 if os.environ.get("LOADTEST_SHAPE", "spike") == "spike":
 
     class SpikeShape(LoadTestShape):

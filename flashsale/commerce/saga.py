@@ -1,7 +1,7 @@
 """The fulfilment saga: what happens to an order after the reservation core.
 
     step                         done by                  compensation
-    placed, stock held (Redis)   reserve_batch-6.lua        release (cancel, expiry)
+    placed, stock held (Redis)   reserve_batch-8.lua        release (cancel, expiry)
     stock deducted (sold += q)   the consumer             release (final deduction failed)
     paid                         the webhook              refund (+ release, below)
     shipped                      this runner, carrier     (last step)

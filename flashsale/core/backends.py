@@ -109,7 +109,7 @@ class Backends:
 
 # redis-py's own retries send a command again after a timeout or a broken
 # link, blind to whether it ran. For the reservation script that is a second
-# reservation attempt (made harmless by reserve_batch-6.lua's per-order-id check,
+# reservation attempt (made harmless by reserve_batch-8.lua's per-order-id check,
 # but it doubles the wait); reserve.py instead asks Redis what happened
 # (resolve_orders) on a fresh connection. So: standalone, no retry at all
 # (stated, not left to redis-py's defaults, which differ by constructor);

@@ -11,6 +11,11 @@
     <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
     <p>:{<sale>}:void       sorted set: order ids found unreserved after a lost
                             reply (score: ms); reserve_batch never reserves them
+    <p>:{<sale>}:room       hash: the waiting room's state (token bucket, counters,
+                            closed flag, measured rate); its settings are in the
+                            sale hash (room, room_rate, room_pass_ms, room_oversub,
+                            room_paused), see flashsale/room/keys.py
+    <p>:{<sale>}:room:*     the room's tickets, queue, heartbeats, passes, log
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
     <p>:idemclaim:<len>:<user>:<key> Redis Cluster only: "<sale>|<qty>", the sale and
@@ -67,6 +72,46 @@ class SaleKeys:
     def void(self) -> str:
         return f"{self.tag}:void"
 
+    # -- the waiting room (flashsale/room/, issue 12) --------------------------------
+
+    @property
+    def room(self) -> str:
+        return f"{self.tag}:room"
+
+    @property
+    def room_queue(self) -> str:
+        return f"{self.tag}:room:queue"
+
+    @property
+    def room_tickets(self) -> str:
+        return f"{self.tag}:room:tickets"
+
+    @property
+    def room_buyers(self) -> str:
+        return f"{self.tag}:room:buyers"
+
+    @property
+    def room_beats(self) -> str:
+        return f"{self.tag}:room:beats"
+
+    @property
+    def room_admitted(self) -> str:
+        return f"{self.tag}:room:admitted"
+
+    @property
+    def room_used(self) -> str:
+        return f"{self.tag}:room:used"
+
+    @property
+    def room_log(self) -> str:
+        return f"{self.tag}:room:log"
+
+    def room_keys(self) -> tuple[str, ...]:
+        return (
+            self.room, self.room_queue, self.room_tickets, self.room_buyers, self.room_beats,
+            self.room_admitted, self.room_used, self.room_log,
+        )
+
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix
         return f"{scope}:idem:{len(user_id)}:{user_id}:{key}"
@@ -80,5 +125,5 @@ class SaleKeys:
     def all_sale_keys(self) -> tuple[str, ...]:
         return (
             self.sale, self.users, self.holds, self.pending, self.stream, self.restocks,
-            self.dlq, self.void,
+            self.dlq, self.void, *self.room_keys(),
         )

@@ -21,6 +21,7 @@ from flashsale.core import live_sales, sales
 from flashsale.core.backends import Backends, as_text
 from flashsale.core.scripts import Rebuilt
 from flashsale.core.statuses import HOLDING, PERSISTED, RELEASED
+from flashsale.room.settings import RoomSettings
 
 log = logging.getLogger("flashsale.core.ledger")
 
@@ -91,6 +92,9 @@ async def rebuild(b: Backends, sale_id: str, *, force: bool = False) -> bool:
             keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.restocks], args=args
         )
     ))
+    room = RoomSettings.from_row(row["waiting_room"])
+    if done is not Rebuilt.UNCHANGED and room is not None:  # the rebuilt hash gets its room back
+        await b.scripts.room_configure(keys=[k.sale], args=room.redis_args())
     if done is Rebuilt.LOST_WRITES:
         log.warning("Redis lost writes of sale %s that PostgreSQL has (its stream is behind "
                     "the persisted entry %d-%d): rebuilt from PostgreSQL",

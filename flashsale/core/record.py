@@ -1,6 +1,6 @@
 """The accepted order: its one record in Redis, its one Python type, its one row.
 
-``lua/reserve_batch-6.lua`` encodes an accepted order once, as one string, the
+``lua/reserve_batch-8.lua`` encodes an accepted order once, as one string, the
 record, and keeps that same string wherever the order is kept until the
 consumer has persisted it::
 

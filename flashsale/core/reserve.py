@@ -3,7 +3,7 @@
 Reservations for the same sale that arrive in the same event-loop tick are
 coalesced into one ``reserve_batch`` call (one round trip for many buyers);
 a lone request is a batch of one. Each item is still decided exactly as if
-it ran alone (see lua/reserve_batch-6.lua), and packed alone: an item that
+it ran alone (see lua/reserve_batch-8.lua), and packed alone: an item that
 cannot be encoded fails by itself, never its batch.
 
 A lost reply (timeout or broken link after the call was sent) is resolved
@@ -100,6 +100,7 @@ class _Item:
     quantity: int
     idempotency_key: str | None
     future: asyncio.Future[Outcome]
+    ticket: str = field(default="")  # the waiting-room pass's ticket (verified by the front)
     order_id: str = field(default="")
     fingerprint: bytes = field(default=b"")
     record_key: bytes | None = field(default=None)  # the idempotency record's key, if keyed
@@ -138,7 +139,7 @@ _KEY_REUSED = _REFUSED[ReserveCode.KEY_REUSED]
 
 
 def _outcome(sale_id: str, item: _Item, code: int, detail: str) -> Outcome:
-    """Map one script result (see lua/reserve_batch-6.lua) to its outcome."""
+    """Map one script result (see lua/reserve_batch-8.lua) to its outcome."""
     if code == ACCEPTED:
         return _accepted(sale_id, item, detail, replay=False)
     if code == REPLAY:
@@ -180,7 +181,8 @@ def _pack(k: SaleKeys, items: list[_Item], now_ms: int) -> list[_Item]:
             item.record_key = k.idempotency(item.user_id, key).encode()
             flag, text = b"1", key.encode()
         item.packed = b"\x1f".join(
-            (item.order_id.encode(), user, b"%d" % item.quantity, flag, fp, text)
+            (item.order_id.encode(), user, b"%d" % item.quantity, flag, fp, text,
+             item.ticket.encode())
         )
         packed.append(item)
     return packed
@@ -215,7 +217,8 @@ class Reserver:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def reserve(
-        self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None
+        self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None,
+        ticket: str = "",
     ) -> Outcome:
         lane = self._lanes.get(sale_id)
         if lane is None:
@@ -223,7 +226,7 @@ class Reserver:
         if len(lane.waiting) >= self._queue_max:
             raise errors.Overloaded()
         loop = asyncio.get_running_loop()
-        item = _Item(user_id, quantity, idempotency_key, loop.create_future())
+        item = _Item(user_id, quantity, idempotency_key, loop.create_future(), ticket)
         lane.waiting.append(item)
         self._schedule(sale_id, lane)
         try:
@@ -275,7 +278,9 @@ class Reserver:
             items = await self._claim(k, items)
         if not items:
             return None
-        keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
+        keys: list[Any] = [
+            k.sale, k.users, k.holds, k.pending, k.stream, k.void, k.room_used, k.room_admitted
+        ]
         args: list[Any] = [now_ms, self._b.settings.idempotency_ttl_s, len(items)]
         for item in items:
             keys.append(item.record_key or k.sale)

@@ -24,6 +24,7 @@ from flashsale import errors, validate
 from flashsale.core.backends import Backends, Conn, as_text
 from flashsale.core.scripts import Ended, Loaded, Restocked
 from flashsale.core.statuses import SaleStatus
+from flashsale.room.settings import RoomSettings, public_of_row
 from flashsale.schemas import bounds
 from flashsale.schemas.bodies import SaleCreate
 
@@ -79,6 +80,7 @@ class NewSale:
     starts_at: datetime
     ends_at: datetime | None
     hold_seconds: int
+    waiting_room: RoomSettings | None = None
 
     @classmethod
     def of(cls, body: SaleCreate, now: datetime) -> NewSale:
@@ -93,6 +95,7 @@ class NewSale:
             sku=body.sku, name=body.name, price_cents=body.price_cents, stock=body.stock,
             per_user_limit=body.per_user_limit, starts_at=starts, ends_at=ends,
             hold_seconds=body.hold_seconds,
+            waiting_room=RoomSettings.of(body.waiting_room),
         )
 
 
@@ -106,13 +109,14 @@ def status_of(row: asyncpg.Record, available: int, now: datetime) -> SaleStatus:
 
 async def load_into_redis(b: Backends, row: asyncpg.Record) -> Loaded:
     k = b.keys(row["sale_id"])
-    loaded = await b.scripts.load_sale(
-        keys=[k.sale, k.stream, k.restocks],
-        args=[
-            row["stock"], row["per_user_limit"], row["price_cents"], to_ms(row["starts_at"]),
-            to_ms(row["ends_at"]), row["hold_seconds"] * 1000, b.settings.consumer_group,
-        ],
-    )
+    args: list[Any] = [
+        row["stock"], row["per_user_limit"], row["price_cents"], to_ms(row["starts_at"]),
+        to_ms(row["ends_at"]), row["hold_seconds"] * 1000, b.settings.consumer_group,
+    ]
+    room = RoomSettings.from_row(row["waiting_room"])
+    if room is not None:  # written with the counters: never a moment without the room
+        args += room.redis_args()
+    loaded = await b.scripts.load_sale(keys=[k.sale, k.stream, k.restocks], args=args)
     return Loaded(int(loaded))
 
 
@@ -121,12 +125,13 @@ async def create(b: Backends, sale: NewSale) -> dict[str, Any]:
     row = await b.pg.fetchrow(
         """
         INSERT INTO sales (sale_id, sku, name, price_cents, stock, per_user_limit,
-                           starts_at, ends_at, hold_seconds)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                           starts_at, ends_at, hold_seconds, waiting_room)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb)
         RETURNING *
         """,
         sale_id, sale.sku, sale.name, sale.price_cents, sale.stock, sale.per_user_limit,
         sale.starts_at, sale.ends_at, sale.hold_seconds,
+        None if sale.waiting_room is None else sale.waiting_room.to_json(),
     )
     assert row is not None
     await load_into_redis(b, row)
@@ -173,6 +178,7 @@ def body(row: asyncpg.Record, available: int, now: datetime) -> dict[str, Any]:
         "ends_at": validate.iso(row["ends_at"]),
         "hold_seconds": row["hold_seconds"],
         "status": status_of(row, available, now),
+        "waiting_room": public_of_row(row.get("waiting_room")),
     }
 
 

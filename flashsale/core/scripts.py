@@ -31,7 +31,7 @@ def lua_dir() -> Path:
 
 
 SCRIPT_FILES = {
-    "reserve_batch": "reserve_batch-6.lua",
+    "reserve_batch": "reserve_batch-8.lua",
     "release": "release-3.lua",
     "ack_persisted": "ack_persisted-3.lua",
     "load_sale": "load_sale-3.lua",
@@ -42,6 +42,12 @@ SCRIPT_FILES = {
     "end_sale": "end_sale-1.lua",
     "undo_delivery": "undo_delivery-1.lua",
     "resolve_orders": "resolve_orders-3.lua",
+    # the waiting room (flashsale/room/)
+    "room_join": "room_join-6.lua",
+    "room_poll": "room_poll-7.lua",
+    "room_admit": "room_admit-8.lua",
+    "room_close": "room_close-3.lua",
+    "room_configure": "room_configure-1.lua",
 }
 
 
@@ -58,6 +64,11 @@ class Scripts:
     end_sale: AsyncScript
     undo_delivery: AsyncScript
     resolve_orders: AsyncScript
+    room_join: AsyncScript
+    room_poll: AsyncScript
+    room_admit: AsyncScript
+    room_close: AsyncScript
+    room_configure: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
@@ -84,7 +95,7 @@ class Scripts:
 
 
 class ReserveCode(IntEnum):
-    """reserve_batch-6.lua's code per item (and resolve_orders-3.lua's: ACCEPTED
+    """reserve_batch-8.lua's code per item (and resolve_orders-3.lua's: ACCEPTED
     for a reserved order, VOIDED, SALE_NOT_FOUND for a sale Redis lost)."""
 
     ACCEPTED = 0
@@ -97,18 +108,22 @@ class ReserveCode(IntEnum):
     # the order id was voided by resolve_orders (its reply was lost and it had
     # not run): only a late copy of a lost request gets it; nothing written
     VOIDED = -6
+    # the sale has a waiting room and the item's pass is missing or spent
+    # (flashsale/room/): nothing written, no idempotency record kept
+    PASS_REQUIRED = -7
 
 
 ACCEPTED = ReserveCode.ACCEPTED
 REPLAY = ReserveCode.REPLAY
 VOIDED = ReserveCode.VOIDED
-# the refusals, in order of precedence (see lua/reserve_batch-6.lua)
+# the refusals, in order of precedence (see lua/reserve_batch-8.lua)
 RESERVE_ERRORS: dict[int, type[errors.FlashsaleError]] = {
     ReserveCode.SALE_NOT_FOUND: errors.SaleNotFound,
     ReserveCode.SALE_NOT_ACTIVE: errors.SaleNotActive,
     ReserveCode.KEY_REUSED: errors.IdempotencyKeyReused,
     ReserveCode.LIMIT_EXCEEDED: errors.LimitExceeded,
     ReserveCode.SOLD_OUT: errors.SoldOut,
+    ReserveCode.PASS_REQUIRED: errors.PassRequired,
 }
 
 

@@ -12,8 +12,7 @@ Order statuses, by what they mean for the sale's stock:
     paid, shipped      sold                                   (hold stock)
     cancelled, expired, failed   released: stock went back, once
 
-(Waiting-room ticket states, contract v1.1, belong here too: a
-``TicketState`` Literal and its tuple.)
+Waiting-room ticket states (contract v1.1, flashsale/room/): ``TicketState``.
 """
 
 from __future__ import annotations
@@ -58,3 +57,7 @@ SETTLE_OUTCOMES: Final[tuple[SettleOutcome, ...]] = get_args(SettleOutcome)
 # domain events on the events stream (flashsale/core/events.py)
 DomainEventType = Literal["order_accepted", "order_paid", "order_shipped", "order_released"]
 DOMAIN_EVENT_TYPES: Final[tuple[DomainEventType, ...]] = get_args(DomainEventType)
+
+# a waiting-room ticket's state (contract v1.1, "Waiting room"; lua/room_poll-7.lua)
+TicketState = Literal["waiting", "admitted", "used", "sold_out", "expired"]
+TICKET_STATES: Final[tuple[TicketState, ...]] = get_args(TicketState)

@@ -20,6 +20,7 @@ from flashsale.core import ledger, live_sales, sales
 from flashsale.core.backends import Backends
 from flashsale.core.statuses import LEDGER_FIGURES, PERSISTED
 from flashsale.ops import heartbeat
+from flashsale.room.tickets import figures_many as room_figures
 
 FIGURES = LEDGER_FIGURES  # the ledger's figures, as the dashboard shows them
 
@@ -56,6 +57,7 @@ async def figures(b: Backends, rows: list[asyncpg.Record]) -> list[dict[str, Any
             pipe.xpending(k.stream, group)
             pipe.xlen(k.dlq)
         got = await pipe.execute(raise_on_error=False)
+    rooms = await room_figures(b, [r["sale_id"] for r in rows if r["waiting_room"] is not None])
     now = datetime.now(UTC)
     out = []
     for n, row in enumerate(rows):
@@ -82,6 +84,8 @@ async def figures(b: Backends, rows: list[asyncpg.Record]) -> list[dict[str, Any
                 "lag": _int_or(lag, 0), "pending_entries": pending_entries,
                 "dead_letters": _int_or(dlq, 0),
             },
+            # the waiting room's figures (issue 12), None for a sale without one
+            "waiting_room_figures": rooms.get(row["sale_id"]),
         })
     return out
 

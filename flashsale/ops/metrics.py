@@ -82,6 +82,25 @@ class Metrics:
             "flashsale_ledger_inconsistent_sales", "Live sales whose ledger is inconsistent",
             registry=r,
         )
+        self.room_tickets = Gauge(
+            "flashsale_room_tickets",
+            "A live sale's waiting room: waiting, admitted (outstanding passes), admitted_total, "
+            "used, expired tickets", ["sale_id", "state"], registry=r,
+        )
+        self.room_admit_rate = Gauge(
+            "flashsale_room_admit_per_second",
+            "A live sale's waiting room: configured and measured (last 10 s) admission rate",
+            ["sale_id", "kind"], registry=r,
+        )
+        self.room_last_eta = Gauge(
+            "flashsale_room_last_place_eta_seconds",
+            "A live sale's waiting room: ETA range of the last place (absent when unknown: "
+            "paused, or waiting on held stock)", ["sale_id", "bound"], registry=r,
+        )
+        self.room_paused = Gauge(
+            "flashsale_room_paused", "1 while a live sale's waiting room is paused",
+            ["sale_id"], registry=r,
+        )
         self.live_sales = Gauge("flashsale_live_sales", "Sales counted as live", registry=r)
         self.backend_ready = Gauge(
             "flashsale_backend_ready", "1 when the backend answers", ["backend"], registry=r

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from flashsale.commerce import payment_inbox
 from flashsale.core import live_sales
@@ -61,6 +62,27 @@ async def scrape(b: Backends, m: Metrics) -> None:
     await refresh(b, m)
 
 
+def _rooms(m: Metrics, sales: list[dict[str, Any]]) -> None:
+    """The waiting rooms' gauges (issue 12), one set per live sale with a room."""
+    for g in (m.room_tickets, m.room_admit_rate, m.room_last_eta, m.room_paused):
+        g.clear()
+    for s in sales:
+        w = s.get("waiting_room_figures")
+        if not w:
+            continue
+        sid = s["sale"]["sale_id"]
+        m.room_tickets.labels(sid, "waiting").set(w["waiting"])
+        m.room_tickets.labels(sid, "admitted").set(w["admitted_outstanding"])
+        for state in ("admitted_total", "used", "expired"):
+            m.room_tickets.labels(sid, state).set(w[state])
+        m.room_admit_rate.labels(sid, "configured").set(w["admit_per_s"])
+        m.room_admit_rate.labels(sid, "measured").set(w["measured_admit_per_s"])
+        m.room_paused.labels(sid).set(1 if w["paused"] else 0)
+        if w["eta_last_low_s"] is not None:
+            m.room_last_eta.labels(sid, "low").set(w["eta_last_low_s"])
+            m.room_last_eta.labels(sid, "high").set(w["eta_last_high_s"])
+
+
 async def refresh(b: Backends, m: Metrics) -> None:
     """The live sales' figures, the backends' readiness, the workers' liveness."""
     redis_ok, pg_ok = await _ready(b)
@@ -84,6 +106,7 @@ async def refresh(b: Backends, m: Metrics) -> None:
         m.sale_stream.labels(sid, "lag").set(s["stream"]["lag"])
         m.sale_stream.labels(sid, "pending").set(s["stream"]["pending_entries"])
         m.sale_stream.labels(sid, "dead_letter").set(s["stream"]["dead_letters"])
+    _rooms(m, snap["sales"])
     m.live_sales.set(len(snap["sales"]))
     m.stream_pending.set(snap["totals"]["pending_entries"])
     m.dead_letters.set(snap["totals"]["dead_letters"])

@@ -232,6 +232,7 @@ def _serve_many(settings: Settings, workers: int) -> int:
             "FLASHSALE_DATABASE_URL": s.database_url or "",
             "FLASHSALE_ADMIN_TOKEN": s.admin_token, "FLASHSALE_JWT_SECRET": s.jwt_secret,
             "FLASHSALE_WEBHOOK_SECRET": s.webhook_secret,
+            "FLASHSALE_PASS_SECRET": s.pass_secret,  # every front verifies the room's passes
         })
         cmd = [sys.executable, "-m", "flashsale", "serve", "--workers", "1"]
         children = [subprocess.Popen(cmd, env=env) for _ in range(workers)]

@@ -4,7 +4,7 @@
 - consumer: the stream consumers of the group (persist).
 - compensator: expiry, releases, the outbox, the payment inbox
   (:class:`Compensator`), the Redis rebuild sweep, the fulfilment saga and the
-  domain-event notifier.
+  domain-event notifier, and the waiting rooms' admitter (flashsale/room/).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from flashsale.core.compensate import Compensator
 from flashsale.core.events import Notifier
 from flashsale.core.persist import run_consumers
 from flashsale.ops.metrics import Metrics
+from flashsale.room.admitter import Admitter
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def loops(
     if compensator:
         out.append(Compensator(b, m).run)
         out.append(lambda ev: periodic_rebuild(b, ev))
+        out.append(Admitter(b).run)  # the waiting rooms' one admission loop
     if saga or compensator:
         if integrations is None:
             raise ValueError("the saga needs the integrations (gateway, carrier)")

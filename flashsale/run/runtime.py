@@ -27,6 +27,7 @@ _SECRET_VARS = {
     "FLASHSALE_ADMIN_TOKEN": "admin_token",
     "FLASHSALE_JWT_SECRET": "jwt_secret",
     "FLASHSALE_WEBHOOK_SECRET": "webhook_secret",
+    "FLASHSALE_PASS_SECRET": "pass_secret",
 }
 
 
@@ -99,6 +100,8 @@ def keep_generated_secrets(settings: Settings) -> Settings:
     stored = keep_secrets(settings.data_dir, {var: generated(var) for var in settings.generated})
     return replace(
         settings,
+        pass_secret=stored["FLASHSALE_PASS_SECRET"] if "FLASHSALE_PASS_SECRET" in settings.generated
+        else settings.pass_secret,
         admin_token=stored["FLASHSALE_ADMIN_TOKEN"] if "FLASHSALE_ADMIN_TOKEN" in settings.generated
         else settings.admin_token,
         jwt_secret=stored["FLASHSALE_JWT_SECRET"] if "FLASHSALE_JWT_SECRET" in settings.generated

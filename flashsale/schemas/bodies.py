@@ -7,15 +7,15 @@ the code that turns the shape into a domain object (a sale's timestamps:
 flashsale/core/sales.py), and said in the field's description.
 
 To add a field: add it here with its ``Annotated`` bounds (a nested object
-is one more ``Shape`` subclass, e.g. ``waiting_room: WaitingRoom | None =
-None``); the decoder, the error messages and the document follow.
+is one more ``Shape`` subclass, as ``SaleCreate.waiting_room``); the
+decoder, the error messages and the document follow.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET, Meta, UnsetType
 
 from flashsale.core.statuses import (
     SETTLE_OUTCOMES,
@@ -28,6 +28,31 @@ from flashsale.schemas.fields import Shape, choice, integer, plain_text, text, t
 
 _LO, _HI = b.TIMESTAMP_YEARS
 _WINDOW = f"ISO-8601 with an offset (UTC expected; years {_LO}–{_HI})"
+
+
+class WaitingRoom(Shape):
+    """(v1.1) A waiting room in front of the sale: admission at a rate, bounded by the stock."""
+
+    admit_per_s: Annotated[int, integer(
+        *b.ROOM_ADMIT_PER_S, "Admissions per second for the whole sale (all front processes).")]
+    pass_seconds: Annotated[int, integer(
+        *b.ROOM_PASS_SECONDS, "How long an admitted ticket's pass stays valid.")
+    ] = b.ROOM_PASS_SECONDS_DEFAULT
+    oversubscribe: Annotated[float, Meta(
+        ge=b.ROOM_OVERSUBSCRIBE[0], le=b.ROOM_OVERSUBSCRIBE[1],
+        description="Unused passes stay below available × this.",
+    )] = b.ROOM_OVERSUBSCRIBE_DEFAULT
+
+
+class WaitingRoomPatch(Shape):
+    """Change the waiting room's rate, pause or resume it; an absent field stays as it is."""
+
+    admit_per_s: Annotated[int, integer(*b.ROOM_ADMIT_PER_S, "Admissions per second.")] | (
+        UnsetType
+    ) = UNSET
+    paused: Annotated[bool, Meta(description="true: no admission until false.")] | (
+        UnsetType
+    ) = UNSET
 
 
 class SaleCreate(Shape):
@@ -48,6 +73,7 @@ class SaleCreate(Shape):
     hold_seconds: Annotated[
         int, integer(1, b.MAX_HOLD_SECONDS, "How long an unpaid order holds its stock.")
     ] = b.DEFAULT_HOLD_SECONDS
+    waiting_room: WaitingRoom | None = None  # (v1.1) null: no waiting room
 
     def __post_init__(self) -> None:
         plain_text("sku", self.sku)
@@ -97,4 +123,4 @@ class GatewaySettle(Shape):
     ]
 
 
-REQUEST_BODIES = (SaleCreate, Restock, OrderCreate, WebhookEvent, GatewaySettle)
+REQUEST_BODIES = (SaleCreate, Restock, OrderCreate, WebhookEvent, GatewaySettle, WaitingRoomPatch)

@@ -30,6 +30,15 @@ NAME_MAX_CHARS: Final = 200
 TIMESTAMP_MAX_CHARS: Final = 40
 TIMESTAMP_YEARS: Final = (2000, 9000)
 
+# a sale's waiting room (contract v1.1, flashsale/room/)
+ROOM_ADMIT_PER_S: Final = (1, 100_000)
+ROOM_PASS_SECONDS: Final = (10, 3600)
+ROOM_PASS_SECONDS_DEFAULT: Final = 300
+ROOM_OVERSUBSCRIBE: Final = (1, 10)
+ROOM_OVERSUBSCRIBE_DEFAULT: Final = 2.0
+ROOM_PASS_MAX_CHARS: Final = 512  # the Flashsale-Pass header
+ROOM_POLL_AFTER_MS: Final = (1000, 30_000)
+
 # the payment gateway's webhook event
 EVENT_ID_MAX_CHARS: Final = 200
 REFERENCE_MAX_CHARS: Final = 80  # the event's payment_id and order_id

@@ -17,11 +17,13 @@ from flashsale.core.statuses import (
     LEDGER_FIGURES,
     ORDER_STATUSES,
     SALE_STATUSES,
+    TICKET_STATES,
     WEBHOOK_EVENT_TYPES,
     WEBHOOK_OUTCOMES,
     OrderStatus,
     PaymentStatus,
     SaleStatus,
+    TicketState,
     WebhookEventType,
     WebhookOutcome,
 )
@@ -54,6 +56,19 @@ class Error(Shape):
     error: ErrorDetail
 
 
+class WaitingRoomSettings(Shape):
+    """(v1.1) The sale's waiting room, as created (the rate as the operator last set it)."""
+
+    admit_per_s: Annotated[int, Meta(ge=b.ROOM_ADMIT_PER_S[0], le=b.ROOM_ADMIT_PER_S[1],
+                                     description="Admissions per second for the whole sale.")]
+    pass_seconds: Annotated[int, Meta(ge=b.ROOM_PASS_SECONDS[0], le=b.ROOM_PASS_SECONDS[1],
+                                      description="How long a pass stays valid.")]
+    oversubscribe: Annotated[float, Meta(
+        ge=b.ROOM_OVERSUBSCRIBE[0], le=b.ROOM_OVERSUBSCRIBE[1],
+        description="Unused passes stay below available × this.",
+    )]
+
+
 class Sale(Shape):
     sale_id: SaleId
     sku: Annotated[str, Meta(min_length=1, max_length=b.SKU_MAX_CHARS)]
@@ -66,6 +81,9 @@ class Sale(Shape):
     ends_at: Annotated[str, timestamp("When reservations close (UTC), or null.")] | None
     hold_seconds: Annotated[int, Meta(ge=1)]
     status: Annotated[SaleStatus, choice(SALE_STATUSES, "Sale lifecycle status.")]
+    waiting_room: Annotated[WaitingRoomSettings | None, Meta(
+        description="(v1.1) The sale's waiting room; null: none."
+    )]
 
 
 class _OrderCore(Shape):
@@ -165,6 +183,59 @@ class Settlement(Shape):
     attempts: Annotated[int, Meta(ge=1, description="Deliveries tried (5xx are retried).")]
 
 
+class EtaRange(Shape):
+    low: Annotated[int, Meta(ge=0, description="Seconds, at the soonest.")]
+    high: Annotated[int, Meta(ge=0, description="Seconds, at the latest.")]
+
+
+class Ticket(Shape):
+    """(v1.1) A buyer's place in a sale's waiting room."""
+
+    ticket_id: Annotated[str, Meta(min_length=1, max_length=b.PATH_ID_MAX_CHARS,
+                                   description="Ticket identifier.")]
+    sale_id: SaleId
+    state: Annotated[TicketState, choice(
+        TICKET_STATES,
+        "`waiting` in the queue; `admitted`: `pass` set, valid until `pass_expires_at`; "
+        "`used`: its pass reserved an order; `sold_out`: available is 0 and no hold can come "
+        "back (an admitted ticket whose pass is unused too); `expired`: not polled within the "
+        "grace, or the pass ran out unused.",
+    )]
+    position: Annotated[int, Meta(
+        ge=0, description="Live tickets ahead; null unless waiting after the start."
+    )] | None
+    eta_seconds: Annotated[EtaRange | None, Meta(
+        description="A range from the admissions measured lately; null when unknown "
+        "(paused, waiting on held stock) or not waiting."
+    )]
+    poll_after_ms: Annotated[int, Meta(
+        ge=b.ROOM_POLL_AFTER_MS[0], le=b.ROOM_POLL_AFTER_MS[1],
+        description="Poll again after this; a ticket not polled within max(3 × this, 30 s) "
+        "is dropped.",
+    )]
+    pass_: Annotated[str, Meta(
+        min_length=1, max_length=b.ROOM_PASS_MAX_CHARS,
+        description="Send as header `Flashsale-Pass` with the order; null unless admitted.",
+    )] | None = msgspec.field(name="pass")
+    pass_expires_at: Annotated[str, timestamp("When the pass runs out (UTC).")] | None
+
+
+class WaitingRoomFigures(Shape):
+    """(v1.1) The waiting room now (the admin GET and PATCH)."""
+
+    waiting: Annotated[int, Meta(ge=0, description="Live tickets in the queue.")]
+    admitted_outstanding: Annotated[int, Meta(ge=0, description="Passes given, not used yet.")]
+    admitted_total: Annotated[int, Meta(ge=0, description="Passes given since the start.")]
+    used: Annotated[int, Meta(ge=0, description="Passes that reserved an order.")]
+    expired: Annotated[int, Meta(ge=0, description="Tickets dropped or passes run out.")]
+    admit_per_s: Annotated[int, Meta(ge=b.ROOM_ADMIT_PER_S[0], le=b.ROOM_ADMIT_PER_S[1],
+                                     description="The configured rate.")]
+    measured_admit_per_s: Annotated[float, Meta(
+        ge=0, description="Admissions per second measured over the last seconds."
+    )]
+    paused: Annotated[bool, Meta(description="No admission while true.")]
+
+
 class Health(Shape):
     status: Annotated[Literal["ok"], Meta(description="The process serves.")]
 
@@ -180,4 +251,5 @@ class Readiness(Shape):
 
 RESPONSE_BODIES = (
     Error, Sale, OrderAccepted, Order, Payment, Ledger, WebhookAck, Settlement, Health, Readiness,
+    Ticket, WaitingRoomFigures,
 )

@@ -16,7 +16,7 @@ from flashsale.core.reserve import Reserver
 from flashsale.ops import heartbeat
 from flashsale.ops.metrics import Metrics
 from flashsale.run import roles
-from flashsale.web import admin, ops, payments, request_id, routes
+from flashsale.web import admin, ops, payments, request_id, room, routes
 from flashsale.web.admission import Admission
 from flashsale.web.keys import (
     ADMISSION,
@@ -104,5 +104,6 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     ops.add_routes(app)
     payments.setup(app)
     admin.setup(app)  # the operator's view: /admin, end sale, the live event stream
+    room.setup(app)  # the waiting room (contract v1.1)
     request_id.setup(app)
     return app

@@ -31,6 +31,7 @@ from flashsale.web.openapi_parts import (
     _links,
     _operation,
     _order_not_found,
+    _path_param,
     _ref,
     _request_body,
     _response,
@@ -110,13 +111,18 @@ def _order_paths() -> JSONObject:
                  "Not accepted: not enough available, this buyer's per-user limit would be "
                  "passed, or the sale is not active.",
                  ["sold_out", "limit_exceeded", "sale_not_active"]),
+             "403": _error_response(
+                 "(v1.1) The sale has a waiting room and no valid pass was sent (missing, "
+                 "forged, expired, another buyer's or another sale's, or already used for an "
+                 "order).", ["pass_required"]),
              "422": _error_response(
                  "The Idempotency-Key was used by this buyer with a different body or sale.",
                  ["idempotency_key_reused"]),
              "503": _unavailable(("overloaded",))},
             description="Only decided outcomes (202, 409, 422) are remembered under an "
-            "Idempotency-Key; 429/503 are not, and reserve nothing.",
-            parameters=[_ref("parameters", "SaleId"), _ref("parameters", "IdempotencyKey")],
+            "Idempotency-Key; 403/429/503 are not, and reserve nothing.",
+            parameters=[_ref("parameters", "SaleId"), _ref("parameters", "IdempotencyKey"),
+                        _ref("parameters", "FlashsalePass")],
             request_body=_request_body(
                 "OrderCreate", "A JSON object; `{}` means quantity 1.", {"quantity": 1}),
         )},
@@ -257,6 +263,64 @@ def _operator_paths() -> JSONObject:
     }
 
 
+def _room_paths() -> JSONObject:
+    """Contract v1.1: the waiting room (flashsale/room/): join, the ticket, the admin's
+    figures and controls, the waiting page."""
+    sale_id = _ref("parameters", "SaleId")
+    ticket_id = _path_param("ticket_id", "Ticket identifier.")
+    room_off = _error_response("The sale has no waiting room.", ["waiting_room_off"])
+    return {
+        "/api/v1/sales/{sale_id}/queue": {"post": _operation(
+            "joinQueue", "Take a ticket in the sale's waiting room", "waiting room", "buyer",
+            {"201": _response("A new ticket.", _schema("Ticket")),
+             "200": _response("The buyer's existing ticket.", _schema("Ticket")),
+             "404": _sale_not_found(),
+             "409": _error_response(
+                 "No room on this sale, nothing can be had, or the sale ended.",
+                 ["waiting_room_off", "sold_out", "sale_not_active"]),
+             "503": _unavailable(("overloaded",))},
+            description="No body. One ticket per buyer and sale; `overloaded` when the room "
+            "holds as many tickets as it may.",
+            parameters=[sale_id],
+        )},
+        "/api/v1/sales/{sale_id}/queue/{ticket_id}": {"get": _operation(
+            "getTicket", "Read (and keep alive) my ticket", "waiting room", "buyer",
+            {"200": _response("The ticket.", _schema("Ticket")),
+             "404": _error_response("No such ticket of this buyer, or no such sale.",
+                                    ["ticket_not_found", "sale_not_found"])},
+            description="Polling is the heartbeat: poll again after `poll_after_ms`.",
+            parameters=[sale_id, ticket_id],
+        )},
+        "/api/v1/admin/sales/{sale_id}/waiting-room": {
+            "get": _operation(
+                "getWaitingRoom", "The waiting room's figures", "admin", "admin",
+                {"200": _response("The figures.", _schema("WaitingRoomFigures")),
+                 "404": _sale_not_found(), "409": room_off},
+                parameters=[sale_id],
+            ),
+            "patch": _operation(
+                "patchWaitingRoom", "Pause, resume, change the rate", "admin", "admin",
+                {"200": _response("The figures.", _schema("WaitingRoomFigures")),
+                 "400": _bad_request("malformed JSON, wrong types, out of bounds, unknown "
+                                     "fields"),
+                 "404": _sale_not_found(), "409": room_off},
+                parameters=[sale_id],
+                request_body=_request_body("WaitingRoomPatch", "The fields to change.",
+                                           {"paused": True}),
+            ),
+        },
+        "/sales/{sale_id}/wait": {"get": _operation(
+            "waitingPage", "The waiting page (HTML)", "waiting room", "public",
+            {"200": _text("text/html", "The page: it takes the buyer's token, joins, shows "
+                          "position and ETA, and reserves with the pass once admitted."),
+             "404": _error_response("Not a sale id.", ["sale_not_found"])},
+            description="The page itself does not look the sale up (it joins, and shows the "
+            "answer): only a `sale_id` that cannot be one is 404.",
+            parameters=[sale_id],
+        )},
+    }
+
+
 def build_openapi() -> dict[str, Any]:
     """Return the OpenAPI 3.1.0 document of every endpoint of the contract."""
     return {
@@ -279,6 +343,7 @@ def build_openapi() -> dict[str, Any]:
             {"name": "admin", "description": "Operator views."},
             {"name": "payments", "description": "Payment gateway callbacks."},
             {"name": "operations", "description": "Health, readiness, metrics, this document."},
+            {"name": "waiting room", "description": "(v1.1) A sale's waiting room."},
         ],
         "paths": {
             **_sale_paths(),
@@ -286,6 +351,7 @@ def build_openapi() -> dict[str, Any]:
             **_payment_paths(),
             **_operations_paths(),
             **_operator_paths(),
+            **_room_paths(),
         },
         "components": _components(),
     }

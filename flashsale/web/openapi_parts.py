@@ -279,6 +279,14 @@ def _parameters() -> JSONObject:
                 pattern=bounds.IDEMPOTENCY_KEY_PATTERN,
             ),
         },
+        "FlashsalePass": {
+            "name": "Flashsale-Pass",
+            "in": "header",
+            "required": False,
+            "description": "(v1.1) The pass of an admitted waiting-room ticket (its `pass`); "
+            "required on a sale with a waiting room.",
+            "schema": _string(max_length=bounds.ROOM_PASS_MAX_CHARS),
+        },
         "FlashsaleSignature": {
             "name": "Flashsale-Signature",
             "in": "header",

@@ -15,6 +15,7 @@ from flashsale.commerce import orders
 from flashsale.core import ledger, sales
 from flashsale.core.reserve import Refused
 from flashsale.core.scripts import RESERVE_ERRORS
+from flashsale.room import passes
 from flashsale.schemas.bodies import OrderCreate, Restock, SaleCreate
 from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
@@ -112,7 +113,8 @@ async def create_order(request: web.Request) -> web.Response:
         key = idempotency_key(request)
         qty = READ_ORDER(await read_body(request)).quantity
         sale_id = validate.sale_id(request.match_info["sale_id"])
-        result = await app[RESERVER].reserve(sale_id, user_id, qty, key)
+        ticket = room_pass(request, sale_id, user_id)
+        result = await app[RESERVER].reserve(sale_id, user_id, qty, key, ticket)
         if isinstance(result, Refused):
             if result.error is errors.SaleNotFound:
                 await _missing_in_redis(request, sale_id)
@@ -126,6 +128,18 @@ async def create_order(request: web.Request) -> web.Response:
     finally:
         metrics.count_reservation(outcome)
         metrics.reserve_latency.observe(time.perf_counter() - started)
+
+
+def room_pass(request: web.Request, sale_id: str, user_id: str) -> str:
+    """The ticket of the waiting-room pass sent (header Flashsale-Pass), verified
+    here without Redis ("" when none is sent: the reservation script then asks
+    for one if the sale has a room). A pass that does not verify is 403."""
+    token = request.headers.get("Flashsale-Pass")
+    if token is None:
+        return ""
+    return passes.verify(
+        request.app[SETTINGS].pass_secret, token, sale_id, user_id, int(time.time() * 1000)
+    )
 
 
 _REFUSAL_BODIES = {

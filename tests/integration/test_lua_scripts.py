@@ -26,7 +26,7 @@ async def load(b: Backends, k: SaleKeys, stock: int = 3, limit: int = 2, *,
 async def reserve(b: Backends, k: SaleKeys, items: list[tuple[str, str, int, str | None]],
                   now_ms: int | None = None) -> list[tuple[int, str]]:
     now_ms = now_ms or int(time.time() * 1000)
-    keys = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
+    keys = [k.sale, k.users, k.holds, k.pending, k.stream, k.void, k.room_used, k.room_admitted]
     args: list[Any] = [now_ms, 3600, len(items)]
     for order_id, user, qty, key in items:
         keys.append(k.idempotency(user, key) if key else k.sale)

@@ -194,7 +194,9 @@ async def test_a_voided_order_is_never_reserved_late(api: Api) -> None:
 
 
 def _batch(k: Any, now_ms: int, items: list[tuple[str, str]]) -> tuple[list[Any], list[Any]]:
-    keys: list[Any] = [k.sale, k.users, k.holds, k.pending, k.stream, k.void]
+    keys: list[Any] = [
+        k.sale, k.users, k.holds, k.pending, k.stream, k.void, k.room_used, k.room_admitted
+    ]
     args: list[Any] = [now_ms, 3600, len(items)]
     for order_id, user in items:
         keys.append(k.sale)

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from flashsale.room.admitter import Admitter
 from flashsale.schemas import bounds, responses
 from tests.support import Api
 
@@ -105,3 +106,43 @@ async def test_order_quantity_rule_is_the_published_one(
     assert got == status, body
     if message is not None:
         assert body == {"error": {"code": "invalid_request", "message": message}}
+
+
+async def test_every_waiting_room_answer_fits_its_shape(api: Api) -> None:
+    """The room's bodies (contract v1.1): the sale with its room, a ticket waiting and
+    admitted, the admin GET and PATCH."""
+    sale = await api.create_sale(stock=3, waiting_room={"admit_per_s": 1000, "oversubscribe": 1.5})
+    fits(responses.Sale, sale)
+    assert sale["waiting_room"] == {"admit_per_s": 1000, "pass_seconds": 300,
+                                    "oversubscribe": 1.5}
+    sid = sale["sale_id"]
+    dave = api.buyer("dave")
+    status, ticket, _ = await api.request("POST", f"/api/v1/sales/{sid}/queue", headers=dave)
+    assert status == 201 and ticket["state"] == "waiting", ticket
+    fits(responses.Ticket, ticket)
+    path = f"/api/v1/admin/sales/{sid}/waiting-room"
+    status, figures, _ = await api.request("GET", path, headers=api.admin)
+    assert status == 200
+    fits(responses.WaitingRoomFigures, figures)
+    await Admitter(api.backends).step(sid)
+    status, ticket, _ = await api.request(
+        "GET", f"/api/v1/sales/{sid}/queue/{ticket['ticket_id']}", headers=dave
+    )
+    assert status == 200 and ticket["state"] == "admitted" and ticket["pass"], ticket
+    fits(responses.Ticket, ticket)
+    status, figures, _ = await api.request("PATCH", path, headers=api.admin,
+                                           json={"paused": True})
+    assert status == 200 and figures["paused"] is True
+    fits(responses.WaitingRoomFigures, figures)
+    status, body, _ = await api.request("PATCH", path, headers=api.admin,
+                                        json={"admit_per_s": 0})
+    assert status == 400 and body == {"error": {
+        "code": "invalid_request", "message": "admit_per_s must be between 1 and 100000"}}
+    status, body, _ = await api.request(
+        "POST", "/api/v1/sales", headers=api.admin,
+        json={"sku": "S", "name": "n", "price_cents": 1, "stock": 1,
+              "waiting_room": {"admit_per_s": 5, "pass_seconds": 9}},
+    )
+    assert status == 400 and body == {"error": {
+        "code": "invalid_request",
+        "message": "waiting_room.pass_seconds must be between 10 and 3600"}}

@@ -302,6 +302,13 @@ SCHEMA: dict[int, dict[str, Table]] = {
             indexes=frozenset({"sales_live"}),
         ),
     },
+    6: {
+        # the sale's optional waiting room (issue 12)
+        "sales": Table(
+            columns=(("waiting_room", "jsonb", NULL),),
+            constraints={"sales_waiting_room_check": "c"},
+        ),
+    },
 }
 
 # the migrations runner's own ledger, present whatever the migrations are

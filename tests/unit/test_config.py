@@ -9,7 +9,10 @@ import pytest
 
 from flashsale.config import SECRET_MAX_CHARS, SECRET_MIN_CHARS, ConfigError, Settings
 
-SECRET_VARS = ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_JWT_SECRET", "FLASHSALE_WEBHOOK_SECRET")
+SECRET_VARS = (
+    "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_JWT_SECRET", "FLASHSALE_WEBHOOK_SECRET",
+    "FLASHSALE_PASS_SECRET",
+)
 GOOD_SECRET = "s" * SECRET_MIN_CHARS
 
 
@@ -63,6 +66,7 @@ def test_given_values_are_used_as_is() -> None:
         FLASHSALE_ADMIN_TOKEN="admin-token-0123456789",
         FLASHSALE_JWT_SECRET="jwt-secret-0123456789",
         FLASHSALE_WEBHOOK_SECRET="whsec_0123456789abcdef",
+        FLASHSALE_PASS_SECRET="pass-secret-0123456789",
         FLASHSALE_REDIS_APPENDFSYNC="always",
     )
     assert s.redis_url == "redis://10.0.0.5:6380/2"
@@ -71,6 +75,7 @@ def test_given_values_are_used_as_is() -> None:
     assert s.admin_token == "admin-token-0123456789"
     assert s.jwt_secret == "jwt-secret-0123456789"
     assert s.webhook_secret == "whsec_0123456789abcdef"
+    assert s.pass_secret == "pass-secret-0123456789"
     assert s.redis_appendfsync == "always"
     assert s.generated == ()
 
@@ -80,15 +85,17 @@ def test_given_values_are_used_as_is() -> None:
 
 def test_generated_secrets_are_listed_strong_and_distinct() -> None:
     s = from_env(FLASHSALE_JWT_SECRET=GOOD_SECRET)
-    assert s.generated == ("FLASHSALE_ADMIN_TOKEN", "FLASHSALE_WEBHOOK_SECRET")
+    assert s.generated == (
+        "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_WEBHOOK_SECRET", "FLASHSALE_PASS_SECRET"
+    )
     assert s.jwt_secret == GOOD_SECRET
-    generated = [s.admin_token, s.webhook_secret]
+    generated = [s.admin_token, s.webhook_secret, s.pass_secret]
     for value in generated:
         assert len(value) >= 32
         assert all("\x21" <= ch <= "\x7e" for ch in value)
         # a generated secret would itself be accepted if given back
         assert from_env(FLASHSALE_ADMIN_TOKEN=value).admin_token == value
-    assert len(set(generated)) == 2
+    assert len(set(generated)) == 3
     again = from_env()
     assert again.admin_token not in generated and again.jwt_secret != s.jwt_secret
 
@@ -141,6 +148,11 @@ def test_bad_port(raw: str) -> None:
         ("FLASHSALE_CONSUMER_BATCH_MAX", "0"),
         ("FLASHSALE_CONSUMER_CLAIM_IDLE_MS", "10"),
         ("FLASHSALE_CONSUMER_MAX_DELIVERIES", "101"),
+        ("FLASHSALE_ROOM_TICKETS_MAX", "0"),
+        ("FLASHSALE_ROOM_TICKETS_MAX", "many"),
+        ("FLASHSALE_ROOM_ADMIT_INTERVAL_MS", "9"),
+        ("FLASHSALE_ROOM_ADMIT_INTERVAL_MS", "1001"),
+        ("FLASHSALE_PASS_SECRET", "short"),
         ("FLASHSALE_REDIS_APPENDFSYNC", "sometimes"),
         ("FLASHSALE_KEY_PREFIX", "a:b"),
         ("FLASHSALE_KEY_PREFIX", "{tag}"),

@@ -39,6 +39,12 @@ CONTRACT: list[tuple[str, str, str, str | None]] = [
     ("post", "/api/v1/sales/{sale_id}/end", "endSale", "adminToken"),
     ("get", "/api/v1/admin/events", "streamAdminEvents", "adminToken"),
     ("get", "/admin", "adminDashboard", None),
+    # v1.1: the waiting room
+    ("post", "/api/v1/sales/{sale_id}/queue", "joinQueue", "buyerJWT"),
+    ("get", "/api/v1/sales/{sale_id}/queue/{ticket_id}", "getTicket", "buyerJWT"),
+    ("get", "/api/v1/admin/sales/{sale_id}/waiting-room", "getWaitingRoom", "adminToken"),
+    ("patch", "/api/v1/admin/sales/{sale_id}/waiting-room", "patchWaitingRoom", "adminToken"),
+    ("get", "/sales/{sale_id}/wait", "waitingPage", None),
 ]
 
 # Status codes each operation must document (the contract's, plus 401 and 503).
@@ -60,6 +66,11 @@ EXPECTED_STATUSES: dict[str, set[str]] = {
     "endSale": {"200", "401", "404"},
     "streamAdminEvents": {"200", "401", "503"},
     "adminDashboard": {"200"},
+    "joinQueue": {"201", "401", "404", "409", "503"},
+    "getTicket": {"200", "401", "404"},
+    "getWaitingRoom": {"200", "401", "404", "409"},
+    "patchWaitingRoom": {"200", "400", "401", "404", "409"},
+    "waitingPage": {"200"},
 }
 
 # Answers the front can give to any request (web/front.py: the head and body timeouts,
@@ -74,6 +85,8 @@ EXPECTED_ERROR_CODES: dict[tuple[str, str], set[str]] = {
     ("createOrder", "400"): {"invalid_request"},
     ("createOrder", "422"): {"idempotency_key_reused"},
     ("createOrder", "401"): {"unauthorized"},
+    ("createOrder", "403"): {"pass_required"},
+    ("joinQueue", "409"): {"waiting_room_off", "sold_out", "sale_not_active"},
     ("createOrder", "429"): {"rate_limited"},
     ("createOrder", "503"): {"overloaded", "unavailable"},
     ("createSale", "400"): {"invalid_request"},
@@ -272,7 +285,8 @@ def test_documented_statuses(doc: JSONObject, operation_id: str, statuses: set[s
     responses = _by_id(doc)[operation_id]["responses"]
     assert statuses <= set(responses)
     successes = {s for s in responses if s.startswith("2")}
-    assert len(successes) == 1, successes
+    # joinQueue: 201 a new ticket, 200 the buyer's existing one (contract v1.1)
+    assert len(successes) == (2 if operation_id == "joinQueue" else 1), successes
 
 
 # --------------------------------------------------------------------------- errors
@@ -365,7 +379,8 @@ def test_request_body_schemas_are_closed(doc: JSONObject) -> None:
                 if "properties" in schema:
                     assert schema.get("additionalProperties") is False, operation["operationId"]
                     assert set(schema.get("required", [])) <= set(schema["properties"])
-    assert bodies == 5  # createSale, restockSale, createOrder, paymentWebhook, settlePayment
+    # createSale, restockSale, createOrder, paymentWebhook, settlePayment, patchWaitingRoom
+    assert bodies == 6
 
 
 def test_sale_create_bounds(doc: JSONObject) -> None:
@@ -482,6 +497,15 @@ EXACT_FIELDS: dict[str, set[str]] = {
         "ends_at",
         "hold_seconds",
         "status",
+        "waiting_room",  # v1.1
+    },
+    "Ticket": {
+        "ticket_id", "sale_id", "state", "position", "eta_seconds", "poll_after_ms", "pass",
+        "pass_expires_at",
+    },
+    "WaitingRoomFigures": {
+        "waiting", "admitted_outstanding", "admitted_total", "used", "expired", "admit_per_s",
+        "measured_admit_per_s", "paused",
     },
     "OrderAccepted": {
         "order_id",
@@ -568,8 +592,18 @@ def test_sample_responses_validate(doc: JSONObject) -> None:
         "ends_at": None,
         "hold_seconds": 600,
         "status": "active",
+        "waiting_room": None,
     }
     _check(doc, "Sale", sale)
+    _check(doc, "Sale", {**sale, "waiting_room": {"admit_per_s": 50, "pass_seconds": 300,
+                                                  "oversubscribe": 2}})
+    ticket = {"ticket_id": "tk_0123456789abcdef0123", "sale_id": "s_1", "state": "waiting",
+              "position": 12, "eta_seconds": {"low": 1, "high": 3}, "poll_after_ms": 1120,
+              "pass": None, "pass_expires_at": None}
+    _check(doc, "Ticket", ticket)
+    _check(doc, "Ticket", {**ticket, "state": "admitted", "position": None,
+                           "eta_seconds": None, "pass": "abc.def",
+                           "pass_expires_at": "2030-01-01T00:05:00.000Z"})
     accepted = {
         "order_id": "o_1",
         "sale_id": "s_1",

@@ -28,9 +28,12 @@ def test_generated_secrets_are_kept_and_reused(tmp_path: Path, open_umask: None)
     first = runtime.keep_generated_secrets(Settings.from_env(env))
     second = runtime.keep_generated_secrets(Settings.from_env(env))
     assert (first.admin_token, first.webhook_secret) == (second.admin_token, second.webhook_secret)
+    assert first.pass_secret == second.pass_secret  # the waiting room's pass secret too
     assert first.jwt_secret == second.jwt_secret == "given-secret-0123456789"
     stored = json.loads((tmp_path / runtime.SECRETS_FILE).read_text())
-    assert set(stored) == {"FLASHSALE_ADMIN_TOKEN", "FLASHSALE_WEBHOOK_SECRET"}
+    assert set(stored) == {
+        "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_WEBHOOK_SECRET", "FLASHSALE_PASS_SECRET"
+    }
     assert stored["FLASHSALE_ADMIN_TOKEN"] == first.admin_token
 
 

@@ -40,6 +40,9 @@ SHAPES = [
     (bodies.Restock, ("quantity",)),
     (bodies.GatewaySettle, ("outcome",)),
     (bodies.WebhookEvent, ("event_id", "type", "payment_id", "order_id", "amount_cents")),
+    # the waiting room (v1.1): the sale body's nested object and the admin PATCH
+    (bodies.WaitingRoom, ("admit_per_s", "pass_seconds", "oversubscribe")),
+    (bodies.WaitingRoomPatch, ("admit_per_s", "paused")),
 ]
 
 

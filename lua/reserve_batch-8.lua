@@ -16,7 +16,10 @@ KEYS[5]    stream         <p>:{<sale>}:stream   one entry per accepted order: o 
                                                 r <the order's record>
 KEYS[6]    void zset      <p>:{<sale>}:void     order ids found unreserved after a lost
                                                 reply (resolve_orders-3.lua); never reserved
-KEYS[6+i]  idempotency record of item i (a string key with a TTL); when the
+KEYS[7]    room used hash <p>:{<sale>}:room:used      ticket -> order id: passes that reserved
+KEYS[8]    room admitted  <p>:{<sale>}:room:admitted  ticket -> pass expiry: unused passes
+           (KEYS[7], KEYS[8]: the waiting room, flashsale/room/; untouched without one)
+KEYS[8+i]  idempotency record of item i (a string key with a TTL); when the
            item has no key, KEYS[1] is repeated there and never touched
 
 ARGV[1]    now_ms         the front's clock (UTC ms)
@@ -25,7 +28,8 @@ ARGV[3]    n              number of items
 ARGV[3+i]  item i, its fields joined by "\31" (unit separator, which no field
            may contain: ids and keys are printable, user ids have no control
            characters): order_id, user_id, qty, has_key ("0"/"1"),
-           fingerprint (sale and body), idempotency key text
+           fingerprint (sale and body), idempotency key text, and the ticket
+           of the waiting-room pass the front verified ("" when none was sent)
            (one argument per item: the client packs 6x fewer arguments)
 
 Returns a flat array, two entries per item:  code, detail
@@ -36,12 +40,14 @@ Returns a flat array, two entries per item:  code, detail
   -3  idempotency_key_reused  (key holds another fingerprint; nothing written)
   -4  limit_exceeded      remembered under the key
   -5  sold_out            remembered under the key
+  -7  pass_required       the sale has a waiting room and the item has no pass, or its
+                          pass already reserved an order; nothing written, not remembered
   -6  void                the order id was voided by resolve_orders (its reply was
                           lost and the front answered that nothing was reserved);
                           nothing written. Only a late copy of a lost request sees it.
 Precedence per item: sale exists > void > order id already held (the same
 batch sent again: its acceptance, detail as the first time, nothing written) >
-idempotency replay/reuse > sale active > per-user limit > stock. Replay comes
+idempotency replay/reuse > pass (waiting room) > sale active > per-user limit > stock. Replay comes
 before the active check so that a retry returns the first response "however
 many times" (contract, guarantee 4). Because of the first two, a batch sent
 twice (a client library's retry) reserves each order id at most once.
@@ -54,12 +60,14 @@ kept in the pending hash and the stream entry alike:
 
 Guarantee: available never goes below 0; a buyer's held quantity never
 exceeds the limit; one key yields at most one order; one order id is reserved
-at most once, and never after it was voided; each accepted order is in holds,
-pending and the stream (the same record in both), all written together.
+at most once, and never after it was voided; one pass reserves at most one
+order; each accepted order is in holds, pending and the stream (the same
+record in both), all written together.
 ]]
 
 local sale_key, users_key, holds_key, pending_key, stream_key, void_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local room_used_key, room_admitted_key = KEYS[7], KEYS[8]
 local now_ms = tonumber(ARGV[1])
 local idem_ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -73,13 +81,15 @@ if redis.call('EXISTS', sale_key) == 0 then
   return out
 end
 
-local f = redis.call('HMGET', sale_key, 'available', 'limit', 'price', 'starts_ms', 'ends_ms', 'hold_ms')
+local f = redis.call('HMGET', sale_key, 'available', 'limit', 'price', 'starts_ms', 'ends_ms', 'hold_ms',
+  'room')
 local available = tonumber(f[1])
 local limit = tonumber(f[2])
 local price = tonumber(f[3])
 local starts_ms = tonumber(f[4])
 local ends_ms = tonumber(f[5])
 local hold_ms = tonumber(f[6])
+local room = f[7] == '1'
 local active = now_ms >= starts_ms and (ends_ms == 0 or now_ms < ends_ms)
 -- the void set exists only after a lost reply: one EXISTS per batch otherwise
 local any_void = redis.call('EXISTS', void_key) == 1
@@ -105,7 +115,8 @@ for i = 1, n do
   local has_key = item[4] == '1'
   local fp = item[5]
   local idem_text = item[6]
-  local idem_key = KEYS[6 + i]
+  local ticket = item[7] or ''
+  local idem_key = KEYS[8 + i]
   local code, detail = 0, ''
 
   local rec, decided = false, false
@@ -129,6 +140,8 @@ for i = 1, n do
     else
       code = -3
     end
+  elseif room and (ticket == '' or redis.call('HEXISTS', room_used_key, ticket) == 1) then
+    code = -7
   elseif not active then
     code = -2
   else
@@ -153,9 +166,13 @@ for i = 1, n do
       redis.call('HSET', pending_key, order_id, record)
       redis.call('XADD', stream_key, '*', 'o', order_id, 'r', record)
       detail = order_id .. '\t' .. qty .. '\t' .. amount_s .. '\t' .. expires_s
+      if room then  -- the pass is spent: one order per pass
+        redis.call('HSET', room_used_key, ticket, order_id)
+        redis.call('ZREM', room_admitted_key, ticket)
+      end
     end
   end
-  if has_key and code ~= 1 and code ~= -3 and code ~= -6 then
+  if has_key and code ~= 1 and code ~= -3 and code ~= -6 and code ~= -7 then
     redis.call('SET', idem_key, fp .. '\n' .. code .. '\n' .. detail, 'EX', idem_ttl)
   end
   out[#out + 1] = code

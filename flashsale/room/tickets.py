@@ -1,0 +1,191 @@
+"""Tickets of the waiting room: join, poll (the heartbeat), the admin's view
+and controls. Every decision is one script (lua/room_*.lua); this module packs
+their arguments and shapes their answers into the contract's bodies."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from typing import Any
+
+import msgspec
+import orjson
+from redis.exceptions import RedisError
+
+from flashsale import errors, validate
+from flashsale.core.backends import Backends
+from flashsale.room import keys as rk
+from flashsale.room import passes
+from flashsale.room.eta import RoomNow, eta_range
+from flashsale.room.settings import RoomSettings
+from flashsale.schemas.bodies import WaitingRoomPatch
+
+log = logging.getLogger("flashsale.room")
+
+JOIN_GRACE_MS = 30_000  # a new ticket's first heartbeat deadline (its first poll follows)
+_JOIN_ERRORS: dict[int, type[errors.FlashsaleError]] = {
+    -1: errors.SaleNotFound,
+    -2: errors.WaitingRoomOff,
+    -3: errors.SoldOut,
+    -4: errors.SaleNotActive,
+    -5: errors.Overloaded,
+}
+
+
+def new_ticket_id() -> str:
+    return "tk_" + secrets.token_hex(10)
+
+
+def _s(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def join(b: Backends, sale_id: str, user_id: str) -> tuple[dict[str, Any], bool]:
+    """The buyer's ticket (created: True) or the one it has (False)."""
+    validate.sale_id(sale_id)
+    k = b.keys(sale_id)
+    now_ms = int(time.time() * 1000)
+    raw = await b.scripts.room_join(
+        keys=rk.join_keys(k),
+        args=[now_ms, user_id, new_ticket_id(), secrets.randbits(53),
+              b.settings.room_tickets_max, JOIN_GRACE_MS],
+    )
+    code, ticket = int(raw[0]), _s(raw[1])
+    if code < 0:
+        err = _JOIN_ERRORS[code]
+        if err is errors.Overloaded:
+            raise errors.Overloaded("the waiting room is full; retry later")
+        raise err()
+    return await poll(b, sale_id, ticket, user_id), code == 0
+
+
+async def poll(b: Backends, sale_id: str, ticket_id: str, user_id: str) -> dict[str, Any]:
+    """The ticket as the contract shows it; for a waiting ticket, its heartbeat."""
+    validate.sale_id(sale_id)
+    if not passes.TICKET_ID_RE.fullmatch(ticket_id):
+        raise errors.TicketNotFound()
+    k = b.keys(sale_id)
+    now_ms = int(time.time() * 1000)
+    raw = await b.scripts.room_poll(keys=rk.poll_keys(k), args=[now_ms, ticket_id, user_id])
+    code = int(raw[0])
+    if code == -1:
+        raise errors.SaleNotFound()
+    if code < 0:
+        raise errors.TicketNotFound()
+    state, pos, pass_exp, poll_after = _s(raw[1]), int(raw[2]), int(raw[3]), int(raw[4])
+    r = RoomNow(
+        rate=float(raw[5]), measured=int(raw[9]) / 1000, paused=int(raw[6]) == 1,
+        closed=int(raw[7]) == 1, waiting=int(raw[8]), available=int(raw[11]),
+        outstanding=int(raw[10]), oversubscribe=float(_s(raw[13])), starts_ms=int(raw[12]),
+    )
+    eta = None
+    if state == "waiting":
+        got = eta_range(r, pos if pos >= 0 else None, now_ms)
+        eta = None if got is None else {"low": got[0], "high": got[1]}
+    admitted = state == "admitted"
+    return {
+        "ticket_id": ticket_id,
+        "sale_id": sale_id,
+        "state": state,
+        "position": pos if state == "waiting" and pos >= 0 else None,
+        "eta_seconds": eta,
+        "poll_after_ms": poll_after,
+        "pass": passes.sign(b.settings.pass_secret, sale_id, user_id, ticket_id, pass_exp)
+        if admitted else None,
+        "pass_expires_at": validate.iso_ms(pass_exp) if admitted else None,
+    }
+
+
+async def _room_of(b: Backends, sale_id: str) -> RoomSettings:
+    validate.sale_id(sale_id)
+    row = await b.pg.fetchrow("SELECT waiting_room FROM sales WHERE sale_id = $1", sale_id)
+    if row is None:
+        raise errors.SaleNotFound()
+    room = RoomSettings.from_row(row["waiting_room"])
+    if room is None:
+        raise errors.WaitingRoomOff()
+    return room
+
+
+async def figures_many(b: Backends, sale_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Per sale (each with a room): the admin body's figures plus the ETA of the
+    last place and whether the room is closed. One Redis pipeline."""
+    out: dict[str, dict[str, Any]] = {}
+    if not sale_ids:
+        return out
+    async with b.redis.pipeline(transaction=False) as pipe:
+        for sid in sale_ids:
+            k = b.keys(sid)
+            pipe.zcard(k.room_queue)
+            pipe.zcard(k.room_admitted)
+            pipe.hlen(k.room_used)
+            pipe.hmget(k.room, "admitted_total", "expired", "measured", "closed")
+            pipe.hmget(k.sale, "room_rate", "room_paused", "available", "room_oversub",
+                       "starts_ms")
+        got = await pipe.execute()
+    now_ms = int(time.time() * 1000)
+    for n, sid in enumerate(sale_ids):
+        waiting, outstanding, used, room, sale = got[5 * n: 5 * n + 5]
+        r = RoomNow(
+            rate=float(sale[0] or 0), measured=float(room[2] or 0), paused=sale[1] == b"1",
+            closed=room[3] == b"1", waiting=int(waiting), available=int(sale[2] or 0),
+            outstanding=int(outstanding), oversubscribe=float(sale[3] or 1),
+            starts_ms=int(sale[4] or 0),
+        )
+        last = eta_range(r, max(0, int(waiting) - 1) if now_ms >= r.starts_ms else None, now_ms)
+        out[sid] = {
+            "waiting": int(waiting),
+            "admitted_outstanding": int(outstanding),
+            "admitted_total": int(room[0] or 0),
+            "used": int(used),
+            "expired": int(room[1] or 0),
+            "admit_per_s": int(r.rate),
+            "measured_admit_per_s": round(r.measured, 3),
+            "paused": r.paused,
+            "closed": r.closed,
+            # the ETA of the last place (None: unknown, paused or waiting on held stock)
+            "eta_last_low_s": None if last is None else last[0],
+            "eta_last_high_s": None if last is None else last[1],
+        }
+    return out
+
+
+ADMIN_FIELDS = ("waiting", "admitted_outstanding", "admitted_total", "used", "expired",
+                "admit_per_s", "measured_admit_per_s", "paused")
+
+
+async def admin_view(b: Backends, sale_id: str) -> dict[str, Any]:
+    await _room_of(b, sale_id)
+    figs = (await figures_many(b, [sale_id]))[sale_id]
+    return {f: figs[f] for f in ADMIN_FIELDS}
+
+
+async def configure(b: Backends, sale_id: str, room: RoomSettings) -> int:
+    """Copy the settings into Redis's sale hash (-1: the hash is missing)."""
+    k = b.keys(sale_id)
+    return int(await b.scripts.room_configure(keys=[k.sale], args=room.redis_args()))
+
+
+async def patch(b: Backends, sale_id: str, body: WaitingRoomPatch) -> dict[str, Any]:
+    """Pause, resume, change the rate: PostgreSQL first (a rebuild restores it),
+    then the sale hash every admitter and poll reads."""
+    await _room_of(b, sale_id)  # 404 / 409 before anything changes
+    delta = {f: v for f, v in msgspec.structs.asdict(body).items() if v is not msgspec.UNSET}
+    raw = await b.pg.fetchval(  # merged in one statement: concurrent PATCHes lose nothing
+        "UPDATE sales SET waiting_room = waiting_room || $2::jsonb "
+        "WHERE sale_id = $1 AND waiting_room IS NOT NULL RETURNING waiting_room",
+        sale_id, orjson.dumps(delta).decode(),
+    )
+    new = RoomSettings.from_row(raw)
+    if new is None:
+        raise errors.WaitingRoomOff()
+    try:
+        await configure(b, sale_id, new)
+    except (RedisError, OSError) as exc:
+        log.warning("waiting room of %s changed in PostgreSQL, Redis step failed: %r",
+                    sale_id, exc)
+        raise errors.Unavailable(
+            "the change is committed in PostgreSQL but not yet in Redis; retry to apply it"
+        ) from exc
+    return await admin_view(b, sale_id)
