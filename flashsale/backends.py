@@ -12,6 +12,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.connection import HiredisRespSerializer
 from redis.typing import EncodableT
 from redis.utils import HIREDIS_AVAILABLE
@@ -37,6 +38,18 @@ class HiredisPackConnection(Connection):
         return packed
 
 
+class HiredisPackSentinelConnection(SentinelManagedConnection):
+    """A Sentinel-managed connection (it asks the sentinels for the primary on
+    every connect, so a failover is followed by the next reconnect) that packs
+    commands like HiredisPackConnection."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
+        return packed
+
+
 def as_text(raw: bytes | str) -> str:
     """A Redis reply as text: the client hands replies over undecoded (bytes)."""
     return raw.decode() if isinstance(raw, bytes) else raw
@@ -54,8 +67,12 @@ class Backends:
 
 
 def redis_client(settings: Settings) -> RedisClient:
-    """A standalone client, or a cluster client (the URL is a seed node) when
-    FLASHSALE_REDIS_CLUSTER is set: every script's keys share the sale's slot."""
+    """A standalone client, a cluster client (the URL is a seed node) when
+    FLASHSALE_REDIS_CLUSTER is set (every script's keys share the sale's slot),
+    or, with FLASHSALE_REDIS_SENTINELS, a client of the primary the sentinels
+    name (see sentinel_client)."""
+    if settings.redis_sentinels:
+        return sentinel_client(settings)
     assert settings.redis_url, "redis_url must be set (embedded servers fill it in)"
     if settings.redis_cluster:
         return RedisCluster.from_url(
@@ -72,6 +89,45 @@ def redis_client(settings: Settings) -> RedisClient:
         health_check_interval=10,
         max_connections=256,
     )
+
+
+def sentinel_client(settings: Settings) -> Redis:
+    """A client of the primary of ``redis_sentinel_master``: redis-py's
+    SentinelConnectionPool asks the sentinels for the primary's address on each
+    new connection and drops its idle connections when the address changed; a
+    connection to a demoted primary is closed on its first READONLY reply. So a
+    failover costs the commands in flight (they fail as a broken connection
+    would) and the next ones go to the new primary: no restart.
+
+    A sentinel's answer counts only if it sees at least one other sentinel (when
+    more than one is configured), so a sentinel cut off from its peers cannot
+    send clients to a stale primary."""
+    timeout = settings.redis_timeout_s
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        list(settings.redis_sentinels),
+        min_other_sentinels=1 if len(settings.redis_sentinels) > 1 else 0,
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+    )
+    client: Redis = sentinel.master_for(
+        settings.redis_sentinel_master,
+        connection_class=HiredisPackSentinelConnection if HIREDIS_AVAILABLE
+        else SentinelManagedConnection,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=10,
+        max_connections=256,
+    )
+    return client
+
+
+async def close_redis(redis: RedisClient) -> None:
+    """Close a client from redis_client (and the sentinels' own connections)."""
+    pool = getattr(redis, "connection_pool", None)
+    try:
+        await redis.aclose()
+    finally:
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()
 
 
 async def pg_pool(settings: Settings) -> asyncpg.Pool:
@@ -98,4 +154,4 @@ async def open_backends(settings: Settings) -> AsyncIterator[Backends]:
         finally:
             await pool.close()
     finally:
-        await redis.aclose()
+        await close_redis(redis)

@@ -8,6 +8,7 @@
     <p>:{<sale>}:stream     stream of accepted orders, consumed by the persister
     <p>:{<sale>}:restocks   set of restock ids applied
     <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
+    <p>:{<sale>}:fence      a write whose replication WAIT confirms (replication.py)
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
 
@@ -56,6 +57,10 @@ class SaleKeys:
     @property
     def dlq(self) -> str:
         return f"{self.tag}:dlq"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag}:fence"
 
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix

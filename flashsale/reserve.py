@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
 from flashsale.backends import Backends
+from flashsale.replication import Replication
 from flashsale.scripts import ACCEPTED, REPLAY, RESERVE_ERRORS
 from flashsale.validate import iso_ms
 
@@ -63,6 +64,7 @@ class _Item:
     idempotency_key: str | None
     future: asyncio.Future[Outcome]
     order_id: str = field(default="")
+    created_ms: int = 0
 
 
 def fingerprint(sale_id: str, quantity: int) -> str:
@@ -134,6 +136,8 @@ class Reserver:
         self._inflight_max = s.reserve_inflight_batches
         self._queue_max = s.reserve_queue_max
         self._tasks: set[asyncio.Task[None]] = set()
+        # acknowledged means replicated (FLASHSALE_REDIS_REPLICA_ACKS): see replication.py
+        self._replication = Replication(backends) if s.redis_replica_acks > 0 else None
 
     def queued(self) -> int:
         return sum(len(lane.waiting) for lane in self._lanes.values())
@@ -185,7 +189,7 @@ class Reserver:
 
     async def _decide(self, sale_id: str, items: list[_Item]) -> None:
         try:
-            results = await self._call(sale_id, items)
+            results, acked = await self._call(sale_id, items)
         except RedisTimeoutError:
             self._fail_all(items, errors.Unavailable(
                 "Redis did not answer in time; the outcome is unknown: retry with the same "
@@ -203,13 +207,24 @@ class Reserver:
         except BaseException:
             self._fail_all(items, errors.Unavailable(OUTCOME_UNKNOWN))
             raise
+        outcomes = [
+            _outcome(sale_id, item, int(results[2 * i]), _decode(results[2 * i + 1]))
+            for i, item in enumerate(items)
+        ]
+        unconfirmed: dict[int, errors.FlashsaleError] = {}
+        if self._replication is not None:  # answered only once replicated (replication.py)
+            unconfirmed = await self._replication.settle(sale_id, items, outcomes, acked)
         for i, item in enumerate(items):
             if item.future.done():
                 continue
-            code, detail = int(results[2 * i]), _decode(results[2 * i + 1])
-            item.future.set_result(_outcome(sale_id, item, code, detail))
+            if i in unconfirmed:
+                item.future.set_exception(unconfirmed[i])
+            else:
+                item.future.set_result(outcomes[i])
 
-    async def _call(self, sale_id: str, items: list[_Item]) -> list[Any]:
+    async def _call(self, sale_id: str, items: list[_Item]) -> tuple[list[Any], int]:
+        """The script's flat result, and how many replicas acknowledged it (0
+        when replica acknowledgement is off)."""
         b = self._b
         k = b.keys(sale_id)
         now_ms = int(time.time() * 1000)
@@ -217,6 +232,7 @@ class Reserver:
         args: list[Any] = [now_ms, b.settings.idempotency_ttl_s, len(items)]
         for item in items:
             item.order_id = new_order_id(sale_id, now_ms)
+            item.created_ms = now_ms
             if item.idempotency_key is None:
                 keys.append(k.sale)
                 has_key, key_text = "0", ""
@@ -227,8 +243,11 @@ class Reserver:
                 f"{item.order_id}\x1f{item.user_id}\x1f{item.quantity}\x1f{has_key}\x1f"
                 f"{fingerprint(sale_id, item.quantity)}\x1f{key_text}"
             )
+        if self._replication is not None:
+            replicated: tuple[list[Any], int] = await self._replication.reserve_batch(keys, args)
+            return replicated
         result: list[Any] = await b.scripts.reserve_batch(keys=keys, args=args)
-        return result
+        return result, 0
 
     @staticmethod
     def _fail_all(items: list[_Item], exc: errors.FlashsaleError) -> None:

@@ -85,14 +85,14 @@ def keep_generated_secrets(settings: Settings) -> Settings:
 @contextlib.contextmanager
 def backing_servers(settings: Settings) -> Iterator[Settings]:
     """Settings with both URLs: the configured ones, or embedded child servers."""
-    if settings.redis_url and settings.database_url:
+    if settings.redis_given and settings.database_url:
         yield settings
         return
     from flashsale.embedded import EmbeddedServers
 
     servers = EmbeddedServers(
         Path(settings.data_dir).resolve(),
-        redis=settings.redis_url is None,
+        redis=not settings.redis_given,
         postgres=settings.database_url is None,
         appendfsync=settings.redis_appendfsync,
     )

@@ -38,6 +38,7 @@ SCRIPT_FILES = {
     "rebuild_sale": "rebuild_sale-6.lua",
     "dead_letter": "dead_letter-6.lua",
     "publish_events": "publish_events-1.lua",
+    "forget_idempotency": "forget_idempotency.lua",
 }
 
 
@@ -51,6 +52,7 @@ class Scripts:
     rebuild_sale: AsyncScript
     dead_letter: AsyncScript
     publish_events: AsyncScript
+    forget_idempotency: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:

@@ -1,0 +1,1 @@
+"""Development server topologies (not used by the service itself)."""
