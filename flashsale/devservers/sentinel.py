@@ -284,14 +284,16 @@ class SentinelTopology:
         return [n for n in self.data if n is not primary]
 
     def wait_replicas_synced(self, primary_port: int, count: int, timeout_s: float = 30.0) -> None:
-        """Until ``count`` replicas are online (synced) at the primary."""
+        """Until ``count`` replicas are online (synced) at the primary and count
+        as good for min-replicas-to-write (the primary takes writes again)."""
         deadline = time.monotonic() + timeout_s
         while True:
             with contextlib.suppress(TopologyError):
                 rep = info(primary_port)
                 online = sum(1 for k, v in rep.items()
                              if k.startswith("slave") and "state=online" in v)
-                if rep.get("role") == "master" and online >= count:
+                good = int(rep.get("min_slaves_good_slaves", online))  # lag within bound
+                if rep.get("role") == "master" and online >= count and good >= count:
                     return
             if time.monotonic() > deadline:
                 raise TopologyError(f"{count} replica(s) not synced at {primary_port} "
