@@ -107,7 +107,7 @@ async def test_front_follows_a_failover_without_restart(
         topology.restart_as_replica(old)
         outcome, took_s = await _reserve_until_decided(api, history, sid, "u9", "after-kill")
         assert outcome is Outcome.OK
-        pool = api.backends.redis.connection_pool
+        pool = getattr(api.backends.redis, "connection_pool", None)
         assert getattr(pool, "master_address", None) == ("127.0.0.1", new_port)
         verdict = await history.check(HttpReader(api.backends, api.base, settings.admin_token))
     verdict.assert_valid()
