@@ -141,5 +141,8 @@ class KeyedLoad:
             ))
 
     def first_accept_after(self, t: float) -> float | None:
-        later = [a for a in self.accepted_at if a > t]
+        """Seconds from ``t`` to the first 202 of a request sent after ``t``
+        (answers to requests already in flight at ``t`` do not count)."""
+        later = [o.completed_at for o in list(self.history.ops.values())
+                 if o.outcome is Outcome.OK and o.invoked_at > t and o.completed_at is not None]
         return min(later) - t if later else None

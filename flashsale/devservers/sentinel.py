@@ -221,12 +221,17 @@ class SentinelTopology:
             argv += ["--replicaof", LOOPBACK, str(replica_of)]
         return argv
 
-    def start(self, timeout_s: float = 30.0) -> None:
+    def start_data(self, timeout_s: float = 30.0) -> None:
+        """The primary and its replicas only (no sentinels): bench/replicated.py."""
         primary, *replicas = self.data
         primary.start(self._data_argv(primary, None))
         for r in replicas:
             r.start(self._data_argv(r, primary.port))
         self.wait_replicas_synced(primary.port, len(replicas), timeout_s)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        primary = self.data[0]
+        self.start_data(timeout_s)
         for s in self.sentinels:
             s.dir.mkdir(parents=True, exist_ok=True)
             conf = s.dir / "sentinel.conf"
