@@ -41,11 +41,12 @@ from bench import loadgen, report
 from bench.drain import DrainResult, measure_drain
 from bench.lab import Lab, Options
 from bench.measure import SystemResult, measure
+from bench.replicated import OwnRedisTarget, ReplicatedTarget
 from bench.targets import EchoTarget, FlashsaleTarget, NaivePgTarget
 from flashsale import auth, migrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain")
+SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "replica", "drain")
 TOKEN_TTL_S = 6 * 3600
 
 
@@ -249,9 +250,24 @@ async def _systems(lab: Lab) -> tuple[list[SystemResult], DrainResult | None]:
         for n in opts.workers:
             t = FlashsaleTarget(lab, f"soldout_w{n}", label("flashsale sold-out", n), n)
             plan.append(("soldout", t, True))
+    if "replica" in opts.systems:  # the price of one replica acknowledging (bench/replicated.py)
+        for n in opts.workers[:1]:
+            plan.append(("reserve", OwnRedisTarget(
+                lab, f"reserve_own_w{n}", label("flashsale reserve, own Redis, no replica", n), n),
+                False))
+            plan.append(("reserve", ReplicatedTarget(
+                lab, f"reserve_replicated_w{n}",
+                label("flashsale reserve, own Redis, 1 replica acknowledging", n), n), False))
     for kind, target, sold_out in plan:
         print(f"== {target.label}", flush=True)
         results.append(await measure(lab, target, kind, sold_out=sold_out))
+    by_key = {r.key: r for r in results}
+    for n in opts.workers[:1]:
+        own, rep = by_key.get(f"reserve_own_w{n}"), by_key.get(f"reserve_replicated_w{n}")
+        if own is not None and rep is not None and own.stat("rps")[0]:
+            p99 = rep.stat("p99_ms")[0] / own.stat("p99_ms")[0] if own.stat("p99_ms")[0] else 0.0
+            print(f"replica acknowledging / none: throughput x"
+                  f"{rep.stat('rps')[0] / own.stat('rps')[0]:.2f}, p99 x{p99:.2f}", flush=True)
     drain = None
     if "drain" in opts.systems:
         print(f"== consumer drain (backlog {opts.drain_orders:,})", flush=True)

@@ -119,7 +119,7 @@ def backing_servers(settings: Settings) -> Iterator[Settings]:
     SIGTERM) and leaving this context raises EmbeddedError with the one-line
     reason, which the CLI prints before exiting with status 1.
     """
-    if settings.redis_url and settings.database_url:
+    if settings.redis_given and settings.database_url:
         yield settings
         return
     from flashsale.embedded import EmbeddedError, EmbeddedServers

@@ -1,0 +1,1 @@
+"""Running flashsale: the CLI, the runtime, roles and the embedded servers."""

@@ -1,0 +1,1 @@
+"""Servers flashsale starts itself: embedded Redis/PostgreSQL, the Sentinel topology."""
