@@ -36,6 +36,9 @@ is answered as decided:
   (backends.RestartGuard, web/rebuilds.py);
 * replays of accepted orders answer "outcome unknown" (the order is another
   request's, it may yet be confirmed; the retry tells);
+* later, a replay naming an order such a release released (its record could
+  not be forgotten: a primary cut off from its replica refuses every write)
+  is forgotten then and answered 503 "nothing reserved", never 202;
 * refusals answer 503 "nothing reserved" (true: a refusal holds nothing).
 
 The primary should run with ``min-replicas-to-write`` >= the acks so that a
@@ -46,11 +49,13 @@ primary cut off from its replicas refuses the scripts outright (NOREPLICAS:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import asyncpg
 from redis.exceptions import NoScriptError, RedisError
 
 from flashsale import errors
@@ -73,6 +78,10 @@ class Item(Protocol):
 
     @property
     def order_id(self) -> str: ...  # made for this call: an acceptance naming it is new
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def idempotency_key(self) -> str | None: ...
 
 
 class Decided(Protocol):
@@ -92,11 +101,12 @@ class Replication:
     """WAIT after each reservation batch; say which items may not be answered
     as decided when it falls short."""
 
-    def __init__(self, backends: Backends) -> None:
+    def __init__(self, backends: Backends, release_actor: str) -> None:
         s = backends.settings
         self._b = backends
         self.acks = s.redis_replica_acks
         self.timeout_ms = s.redis_replica_ack_timeout_ms
+        self._release_actor = release_actor  # who releases an unreplicated batch (reserve.py)
 
     async def reserve_batch(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, int]:
         """The reserve_batch script and ``WAIT`` on one connection: (the script's
@@ -151,10 +161,14 @@ class Replication:
             # resent it) need a write after them if the batch made no new order
             replayed = [i for i in (*new, *replays) if not isinstance(decided[i], Exception)
                         and decided[i].replay]  # type: ignore[union-attr]
-            fresh = any(not decided[i].replay for i in new)  # type: ignore[union-attr]
-            if not replayed or fresh or await self.confirm_fence(sale_id):
+            if not replayed:
                 return {}, []
-            return {i: errors.Unavailable(NOT_REPLICATED_UNKNOWN) for i in replayed}, []
+            instead = await self._replays_of_released(sale_id, items, decided, replayed)
+            replayed = [i for i in replayed if i not in instead]
+            fresh = any(not decided[i].replay for i in new)  # type: ignore[union-attr]
+            if replayed and not fresh and not await self.confirm_fence(sale_id):
+                instead.update({i: errors.Unavailable(NOT_REPLICATED_UNKNOWN) for i in replayed})
+            return instead, []
         log.warning("reservation batch of sale %s: %d of %d replica(s) acknowledged in %d ms; "
                     "releasing its %d new order(s)", sale_id, acked, self.acks, self.timeout_ms,
                     len(new), extra={"unreplicated_orders": len(new)})
@@ -164,6 +178,38 @@ class Replication:
                 continue
             out[i] = errors.Unavailable(NOT_REPLICATED_UNKNOWN if i in replays else NOT_REPLICATED)
         return out, new
+
+    async def _replays_of_released(
+        self, sale_id: str, items: Sequence[Item], decided: Sequence[Decided | Exception],
+        replayed: Sequence[int],
+    ) -> dict[int, errors.FlashsaleError]:
+        """Replays naming an order that an unreplicated batch had released: its
+        record could not be forgotten then (Redis refused writes, e.g. a
+        primary without its replica: min-replicas-to-write), and a replay would
+        answer 202 for a released order. They are forgotten now and answered
+        503 "nothing reserved" (the next retry decides afresh); "outcome
+        unknown" when PostgreSQL cannot tell. One query, only for batches with
+        replays."""
+        ids = {i: _order_id(decided[i]) or "" for i in replayed}
+        try:
+            async with asyncio.timeout(self._b.settings.pg_timeout_s):
+                rows = await self._b.pg.fetch(
+                    "SELECT order_id FROM releases WHERE order_id = ANY($1::text[]) "
+                    "AND actor = $2 AND reason = 'failed'",
+                    sorted(set(ids.values())), self._release_actor,
+                )
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            log.warning("replays of sale %s not checked against PostgreSQL: %r", sale_id, exc)
+            return {i: errors.Unavailable(NOT_REPLICATED_UNKNOWN) for i in replayed}
+        released = {r["order_id"] for r in rows}
+        gone = [i for i in replayed if ids[i] in released]
+        keyed = [(items[i].user_id, key, ids[i]) for i in gone
+                 if (key := items[i].idempotency_key) is not None]
+        try:
+            await forget_accepted(self._b, sale_id, keyed)
+        except (RedisError, OSError) as exc:  # the next retry tries again
+            log.warning("forgetting %d released orders' keys failed: %r", len(keyed), exc)
+        return {i: errors.Unavailable(NOT_REPLICATED) for i in gone}
 
 
 async def forget_accepted(b: Backends, sale_id: str, keyed: Sequence[tuple[str, str, str]]) -> int:

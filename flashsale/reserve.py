@@ -41,7 +41,7 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
-from flashsale.backends import Backends
+from flashsale.backends import Backends, RedisUnverified
 from flashsale.compensate import Unpersisted, release_many_in_redis, release_many_unpersisted
 from flashsale.keys import SaleKeys
 from flashsale.ledger import HOLDING
@@ -64,6 +64,10 @@ UNKNOWN_KEYLESS = (
     "Redis and PostgreSQL did not answer during the reservation; its outcome is unknown and, "
     "without an Idempotency-Key, cannot be looked up: an order made then holds its stock "
     "until it expires. Send an Idempotency-Key to make a retry return the first outcome"
+)
+NOT_VERIFIED = (
+    "Redis is being checked against PostgreSQL (it restarted or failed over); nothing was "
+    "reserved: retry shortly"
 )
 RELEASE_ACTOR = "reserver"
 RELEASE_DETAIL = "reservation reply lost; released before the 503"
@@ -222,7 +226,9 @@ class Reserver:
         self._queue_max = s.reserve_queue_max
         self._tasks: set[asyncio.Task[None]] = set()
         # acknowledged means replicated (FLASHSALE_REDIS_REPLICA_ACKS): see replication.py
-        self._replication = Replication(backends) if s.redis_replica_acks > 0 else None
+        self._replication = (
+            Replication(backends, RELEASE_ACTOR) if s.redis_replica_acks > 0 else None
+        )
 
     def queued(self) -> int:
         return sum(len(lane.waiting) for lane in self._lanes.values())
@@ -307,6 +313,9 @@ class Reserver:
                 results = await self._b.scripts.reserve_batch(keys=keys, args=args)
             else:  # the script and one WAIT for the batch (replication.py)
                 results, acked = await self._replication.reserve_batch(keys, args)
+        except RedisUnverified:  # refused at connect, before the script was sent
+            self._fail_all(items, errors.Unavailable(NOT_VERIFIED))
+            return None
         except (RedisTimeoutError, RedisConnectionError, OSError):
             # sent, maybe run, the reply lost: find out before answering anyone
             return items, now_ms, False
@@ -508,7 +517,9 @@ class Reserver:
             except (RedisError, OSError) as exc:  # a retry may replay the released order
                 log.warning("forgetting %d released orders' keys failed: %r", len(keyed), exc)
         if inserted:
-            await self._return_released(sale_id, [i for i in ids if i in inserted], now_ms)
+            await self._return_released(
+                sale_id, [i for i in ids if i in inserted], now_ms, voids=not unreplicated
+            )
         for item in items:
             row = rows.get(item.order_id)
             if row is not None and row["status"] in HOLDING:  # persisted first: a real order
@@ -522,14 +533,17 @@ class Reserver:
                     RELEASED if item.order_id in inserted else NOT_RESERVED
                 ))
 
-    async def _return_released(self, sale_id: str, order_ids: list[str], now_ms: int) -> None:
+    async def _return_released(
+        self, sale_id: str, order_ids: list[str], now_ms: int, *, voids: bool = True
+    ) -> None:
         """Step 2 of that release, best effort within about ``redis_timeout_s``:
         void what the script has not reserved (a late copy of the request then
-        reserves nothing), then release.lua (guarded by the hold) returns what it
-        did and closes the outbox rows. What fails here the compensator's outbox
-        sweep finishes with release.lua."""
+        reserves nothing; not ``voids`` when the script's reply came: it ran),
+        then release.lua (guarded by the hold) returns what it did and closes
+        the outbox rows. What fails here the compensator's outbox sweep
+        finishes with release.lua."""
         s = self._b.settings
-        if await self._lookup(sale_id, order_ids, now_ms, s.redis_timeout_s) is None:
+        if voids and await self._lookup(sale_id, order_ids, now_ms, s.redis_timeout_s) is None:
             log.warning("release of %d orders left to the outbox", len(order_ids))
             return
         try:

@@ -7,7 +7,9 @@ flashsale/run/embedded/sentinel.py) per test.
 * the front follows a failover (kill -9 of the primary) without a restart;
 * a replica that is gone: reservations answer 503 "nothing reserved" within
   the ack timeout, nothing is held or oversold, a retry with the same key
-  decides afresh, and service resumes when the replica returns.
+  decides afresh, and service resumes when the replica returns;
+* a promoted replica that lacks writes PostgreSQL has is rebuilt before it
+  takes a reservation (the RestartGuard on the Sentinel client).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from flashsale.compensate import release, release_many_in_redis
 from flashsale.config import ConfigError, Settings
-from flashsale.run.embedded.sentinel import SentinelTopology, info
+from flashsale.reserve import RELEASE_ACTOR, UNREPLICATED_DETAIL
+from flashsale.run.embedded.sentinel import SentinelTopology, command, info
 from tests.chaos.history import History, HttpReader, Outcome
+from tests.faults import TcpProxy
 from tests.sentinel_support import sentinel_settings, sentinel_topology
 from tests.support import Api, running_app
 
@@ -144,7 +149,6 @@ async def test_replica_gone_reservations_503_nothing_reserved(
             _outcome, reply = await history.reserve(api, sid, f"gone-{i}", 1, f"gone-{i}")
             answered.append((reply.status, reply.message, time.monotonic() - started))
             await asyncio.sleep(0.4)
-        sale = (await api.request("GET", f"/api/v1/sales/{sid}"))[1]
         primary = topology.primary()
         if fault == "kill":
             topology.restart_as_replica(replica)
@@ -152,6 +156,8 @@ async def test_replica_gone_reservations_503_nothing_reserved(
             replica.resume()
             topology.wait_replicas_synced(primary.port, 1)
         await api.drain(sid)  # voided orders are acked as failed: pending falls back
+        await api.compensate()  # the outbox: releases Redis refused while it had no replica
+        sale = (await api.request("GET", f"/api/v1/sales/{sid}"))[1]
         ledger = await api.ledger(sid)
         resumed = [await _reserve_until_decided(api, history, sid, f"gone-{i}", f"gone-{i}")
                    for i in range(5)]
@@ -162,7 +168,9 @@ async def test_replica_gone_reservations_503_nothing_reserved(
     assert all("nothing was reserved" in (m or "") or "NOREPLICAS" in (m or "")
                for _s, m, _t in answered), answered
     assert max(t for _s, _m, t in answered) < timeout_ms / 1000 + 1.0, answered
-    assert sale["available"] == 4, sale  # nothing held by the refused ones
+    # nothing held by the refused ones (a release Redis refused while it had no
+    # replica -- NOREPLICAS -- is committed in PostgreSQL and finished by the outbox)
+    assert sale["available"] == 4, sale
     assert ledger["consistent"] is True, ledger
     assert [o for o, _t in resumed] == [Outcome.OK] * 4 + [Outcome.FAILED]  # stock 5
     verdict.assert_valid()
@@ -171,3 +179,103 @@ async def test_replica_gone_reservations_503_nothing_reserved(
     if fault == "pause":  # the WAIT path ran: those orders were made and released
         assert voided >= 1, answered
     print(f"\nreplica gone: {answered}")
+
+
+async def test_promoted_replica_lacking_persisted_writes_is_rebuilt_before_it_reserves(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The replica lags (its replication link goes through a proxy that holds
+    back what the primary sends), reservations are answered by the primary
+    alone (acks 0) and persisted by the consumer, then the primary dies: the
+    promoted replica has the sale as it was before them, PostgreSQL has them.
+    The front's RestartGuard meets a server it has not verified (another
+    run_id), refuses it until the sale is rebuilt from PostgreSQL (its stream
+    is behind the persisted watermark), and only then reserves: no oversell,
+    ledger consistent."""
+    stock, before = 10, 8
+    with sentinel_topology(tmp_path / "topology", failover_timeout_ms=60_000) as topo:
+        settings = sentinel_settings(topo, database_url, redis_replica_acks=0)
+        primary, replica = topo.primary(), topo.replicas()[0]
+        history = History()
+        t0 = time.monotonic()
+        marks: dict[str, float] = {}
+        async with TcpProxy("127.0.0.1", primary.port) as proxy, running_app(settings) as api:
+            sid = (await api.create_sale(stock=stock, per_user_limit=1))["sale_id"]
+            k = api.backends.keys(sid)
+            await asyncio.to_thread(topo.wait_replicas_synced, primary.port, 1)
+            await asyncio.to_thread(command, replica.port, "REPLICAOF", "127.0.0.1",
+                                    str(proxy.port))
+            for _ in range(600):
+                rep = await asyncio.to_thread(info, replica.port)
+                if rep.get("master_port") == str(proxy.port) \
+                        and rep.get("master_link_status") == "up":
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"replica not up through the proxy: {rep}")
+            marks["rerouted"] = time.monotonic() - t0
+            proxy.delay(120_000, "down")  # held back; its acks still reach the primary
+            for i in range(before):
+                outcome, _ = await _reserve_until_decided(api, history, sid, f"b{i}", f"b{i}")
+                assert outcome is Outcome.OK
+            await api.drain(sid)  # PostgreSQL has them, the watermark names the last
+            marks["persisted"] = time.monotonic() - t0
+            stale = await asyncio.to_thread(command, replica.port, "HGET", k.sale, "available")
+            assert stale == str(stock), "the replica was meant to lack the reservations"
+            guard = api.backends.guard
+            assert guard is not None
+            verified_before = guard.run_id
+            primary.kill9()
+            proxy.cut()  # what it held back never arrives
+            new_port, _s = await asyncio.to_thread(topo.wait_failover, primary.port)
+            assert new_port == replica.port
+            marks["promoted"] = time.monotonic() - t0
+            # back as a replica: min-replicas-to-write lets the new primary write
+            # (until then the rebuild is refused and the guard keeps refusing)
+            await asyncio.to_thread(topo.restart_as_replica, primary)
+            marks["rejoined"] = time.monotonic() - t0
+            after = [await _reserve_until_decided(api, history, sid, f"a{i}", f"a{i}")
+                     for i in range(5)]
+            marks["decided"] = time.monotonic() - t0
+            verified_after = guard.run_id
+            await api.drain(sid)
+            ledger = await api.ledger(sid)
+            verdict = await history.check(
+                HttpReader(api.backends, api.base, settings.admin_token))
+    assert [o for o, _t in after] == [Outcome.OK] * (stock - before) + \
+        [Outcome.FAILED] * (5 - stock + before), after
+    assert ledger["consistent"] is True and ledger["available"] == 0, ledger
+    assert verified_after != verified_before  # the promoted replica was verified
+    verdict.assert_valid()
+    assert verdict.accepted_orders == stock and verdict.lost == 0
+    print(f"\npromoted replica rebuilt: {({k: round(v, 2) for k, v in marks.items()})}")
+
+
+async def test_replay_of_an_order_released_unreplicated_is_never_a_202(
+    topology: SentinelTopology, database_url: str
+) -> None:
+    """A batch the replica did not acknowledge is released and answered 503
+    "nothing reserved"; its keyed orders' records are then forgotten. When
+    Redis refuses that write (a primary cut off from its replica refuses every
+    write: min-replicas-to-write), the record still says "accepted". Here the
+    release is done and the forget left out, as then: the retry with the same
+    key must not replay the released order as a 202; it is 503 "nothing
+    reserved" (the record is forgotten now), and the next retry decides afresh."""
+    settings = sentinel_settings(topology, database_url)
+    async with running_app(settings) as api:
+        sid = (await api.create_sale(stock=5, per_user_limit=1))["sale_id"]
+        history = History()
+        outcome, first = await history.reserve(api, sid, "u1", 1, "k1")
+        assert outcome is Outcome.OK and first.order_id
+        await api.drain(sid)
+        async with api.backends.pg.acquire() as conn:  # what the unreplicated release did
+            done = await release(api.backends, first.order_id, "failed", RELEASE_ACTOR,
+                                 detail=UNREPLICATED_DETAIL, conn=conn)
+        assert done is not None
+        await release_many_in_redis(api.backends, [(first.order_id, sid)])
+        _o, replay = await history.reserve(api, sid, "u1", 1, "k1")
+        outcome, fresh = await history.reserve(api, sid, "u1", 1, "k1")
+        ledger = await api.ledger(sid)
+    assert replay.status == 503 and "nothing was reserved" in (replay.message or ""), replay
+    assert outcome is Outcome.OK and fresh.order_id not in (None, first.order_id), fresh
+    assert ledger["consistent"] is True, ledger
