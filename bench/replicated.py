@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from redis.asyncio import Redis
 
 from bench import procs
+from bench.measure import SystemResult
 from bench.targets import FlashsaleTarget
 from flashsale.embedded import free_port
 from flashsale.run.embedded.sentinel import SentinelTopology
@@ -79,3 +82,41 @@ class OwnRedisTarget(FlashsaleTarget):
 
 class ReplicatedTarget(OwnRedisTarget):
     replicas = 1
+
+
+OWN_KEY = "reserve_own_w{n}"
+REPLICATED_KEY = "reserve_replicated_w{n}"
+
+
+def ratio(results: Sequence[SystemResult], workers: int) -> dict[str, Any] | None:
+    """The price of one replica acknowledging, from the same run: throughput and
+    p99 of ``reserve_replicated`` over ``reserve_own`` (None when either is
+    missing or measured nothing)."""
+    by_key = {r.key: r for r in results}
+    own = by_key.get(OWN_KEY.format(n=workers))
+    rep = by_key.get(REPLICATED_KEY.format(n=workers))
+    if own is None or rep is None or not own.stat("rps")[0] or not own.stat("p99_ms")[0]:
+        return None
+    return {
+        "workers": workers,
+        "rps_no_replica": round(own.stat("rps")[0], 1),
+        "rps_one_replica_acking": round(rep.stat("rps")[0], 1),
+        "throughput_ratio": round(rep.stat("rps")[0] / own.stat("rps")[0], 3),
+        "p99_ms_no_replica": round(own.stat("p99_ms")[0], 2),
+        "p99_ms_one_replica_acking": round(rep.stat("p99_ms")[0], 2),
+        "p99_ratio": round(rep.stat("p99_ms")[0] / own.stat("p99_ms")[0], 3),
+    }
+
+
+def markdown(cost: dict[str, Any]) -> str:
+    """The section bench/results/latest.md gets (run.py appends it)."""
+    return (
+        "\n## Reserve with one replica acknowledging vs none (same run)\n\n"
+        "Each on a Redis of its own (bench/replicated.py): one WAIT per reservation "
+        "batch (FLASHSALE_REDIS_REPLICA_ACKS=1) against none.\n\n"
+        "| | no replica | 1 replica acknowledging | ratio |\n|---|---:|---:|---:|\n"
+        f"| throughput (req/s, {cost['workers']} worker(s)) | {cost['rps_no_replica']:,} | "
+        f"{cost['rps_one_replica_acking']:,} | x{cost['throughput_ratio']:.2f} |\n"
+        f"| p99 (ms) | {cost['p99_ms_no_replica']} | {cost['p99_ms_one_replica_acking']} | "
+        f"x{cost['p99_ratio']:.2f} |\n"
+    )

@@ -37,7 +37,7 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from bench import loadgen, report
+from bench import loadgen, replicated, report
 from bench.drain import DrainResult, measure_drain
 from bench.lab import Lab, Options
 from bench.measure import SystemResult, measure
@@ -253,21 +253,14 @@ async def _systems(lab: Lab) -> tuple[list[SystemResult], DrainResult | None]:
     if "replica" in opts.systems:  # the price of one replica acknowledging (bench/replicated.py)
         for n in opts.workers[:1]:
             plan.append(("reserve", OwnRedisTarget(
-                lab, f"reserve_own_w{n}", label("flashsale reserve, own Redis, no replica", n), n),
-                False))
+                lab, replicated.OWN_KEY.format(n=n),
+                label("flashsale reserve, own Redis, no replica", n), n), False))
             plan.append(("reserve", ReplicatedTarget(
-                lab, f"reserve_replicated_w{n}",
+                lab, replicated.REPLICATED_KEY.format(n=n),
                 label("flashsale reserve, own Redis, 1 replica acknowledging", n), n), False))
     for kind, target, sold_out in plan:
         print(f"== {target.label}", flush=True)
         results.append(await measure(lab, target, kind, sold_out=sold_out))
-    by_key = {r.key: r for r in results}
-    for n in opts.workers[:1]:
-        own, rep = by_key.get(f"reserve_own_w{n}"), by_key.get(f"reserve_replicated_w{n}")
-        if own is not None and rep is not None and own.stat("rps")[0]:
-            p99 = rep.stat("p99_ms")[0] / own.stat("p99_ms")[0] if own.stat("p99_ms")[0] else 0.0
-            print(f"replica acknowledging / none: throughput x"
-                  f"{rep.stat('rps')[0] / own.stat('rps')[0]:.2f}, p99 x{p99:.2f}", flush=True)
     drain = None
     if "drain" in opts.systems:
         print(f"== consumer drain (backlog {opts.drain_orders:,})", flush=True)
@@ -319,7 +312,7 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
               f"{opts.duration_s:g} s, load generator {opts.loadgen}, servers "
               f"{'embedded' if server_pids else 'given'}", flush=True)
         results, drain = await _systems(lab)
-        meta = {
+        meta: dict[str, Any] = {
             "started": started, "machine": machine(), "cores": os.cpu_count(),
             "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
             "threads": opts.threads, "connections": opts.connections, "runs": opts.runs,
@@ -330,7 +323,12 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
             "postgres": await pg_settings(dsn), "servers": "embedded" if server_pids
             else "given", "drain_orders": opts.drain_orders,
         }
+        replica_cost = replicated.ratio(results, opts.workers[0]) if opts.workers else None
+        if replica_cost is not None:  # the price of "acknowledged means replicated"
+            meta["replica_ack_cost"] = replica_cost
         md, js, png = report.write(results, drain, meta, opts.out_dir)
+        if replica_cost is not None:
+            md.write_text(md.read_text() + replicated.markdown(replica_cost))
     print()
     print(md.read_text())
     print(f"wrote {md}, {js}, {png}")

@@ -64,6 +64,10 @@ def test_quick_bench_writes_the_three_files(request: pytest.FixtureRequest, tmp_
     assert {"reserve", "naive_pg", "echo"} <= set(p99)
     assert "oversell" in doc and "lost" in doc
     assert "| system |" in (tmp_path / "latest.md").read_text()
+    # the price of one replica acknowledging (bench/replicated.py), same run
+    cost = doc["meta"]["replica_ack_cost"]  # type: ignore[index]
+    assert {"throughput_ratio", "p99_ratio"} <= set(cost)
+    assert "one replica acknowledging vs none" in (tmp_path / "latest.md").read_text()
 
 
 def test_quick_bench_python_load_generator(request: pytest.FixtureRequest, tmp_path: Path) -> None:
