@@ -82,7 +82,7 @@ soak: venv servers
 # A Sentinel topology for trying failover by hand (flashsale/run/embedded/sentinel.py):
 # prints FLASHSALE_REDIS_SENTINELS / _SENTINEL_MASTER; Ctrl-C stops it.
 sentinel: venv-runtime servers
-	$(BIN)/python -m flashsale.run.embedded.sentinel
+	$(BIN)/python -m flashsale.run.embedded.sentinel $(SENTINEL_ARGS)
 
 loadtest: venv servers
 	$(BIN)/python -m loadtest.run

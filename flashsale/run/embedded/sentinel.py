@@ -15,6 +15,12 @@ the only survivor) refuses writes after ``min-replicas-max-lag`` seconds, so
 a stale primary cannot keep accepting what a failover will throw away.
 No persistence: a node killed and started again comes back empty, as a
 replica of the current primary, and full-syncs from it.
+
+With one replica and acknowledgement on, a failover leaves the new primary
+without a replica: it refuses writes (min-replicas-to-write) until the old
+node is back as a replica (a paused one is demoted by the sentinels only
+about 8 s after it wakes). Two replicas keep one acknowledging through a
+failover (the failover chaos tests run so; ``--replicas 2``).
 """
 
 from __future__ import annotations
@@ -302,8 +308,25 @@ class SentinelTopology:
                     return
             if time.monotonic() > deadline:
                 raise TopologyError(f"{count} replica(s) not synced at {primary_port} "
-                                    f"in {timeout_s}s")
+                                    f"in {timeout_s}s: {self.describe()}")
             time.sleep(0.05)
+
+    def describe(self) -> str:
+        """Each data node's replication state and the sentinels' views, for a
+        failure message."""
+        out = []
+        for n in self.data:
+            try:
+                rep = info(n.port)
+                state = {k: rep.get(k) for k in ("role", "master_port", "master_link_status",
+                                                 "connected_slaves", "master_repl_offset")}
+            except TopologyError as exc:
+                state = {"error": str(exc)}
+            out.append(f"{n.name}:{n.port} alive={n.alive} paused={n.paused} {state} "
+                       f"log: {n.log_tail(4)!r}")
+        views = [{k: v.get(k) for k in ("port", "flags", "num-slaves", "failover-state")}
+                 for v in self.sentinel_views()]
+        return "; ".join(out) + f"; sentinels: {views}"
 
     def wait_sentinels_ready(self, timeout_s: float = 30.0) -> None:
         """Until every live sentinel agrees on the primary, knows its replicas
@@ -391,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the nodes keep logs and configs (default: a temp dir)")
+    parser.add_argument("--replicas", type=int, default=1, choices=range(1, 5),
+                        help="replicas of the primary (2 keeps one acknowledging through a "
+                             "failover; default 1)")
     opts = parser.parse_args(argv)
     stop = False
 
@@ -400,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    with running(opts.dir) as topo:
+    with running(opts.dir, replicas=opts.replicas) as topo:
         primary = topo.primary()
         print(f"primary  127.0.0.1:{primary.port}")
         for r in topo.replicas():
