@@ -51,6 +51,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession
+from redis.exceptions import RedisError
 
 from flashsale.backends import open_backends
 from flashsale.config import Settings
@@ -76,6 +77,7 @@ WARM_S = 1.5
 REPLICAS = int(os.environ.get("FAILOVER_REPLICAS", "2"))
 LAG_S = 1.5  # how long the replica lags (and the consumer is stopped) before the kill
 LAG_CYCLES = 2
+CHECK_TRIES = 3
 LAG_HOLD_MS = 120_000  # the proxy holds back the primary's stream that long: never delivered
 
 
@@ -131,6 +133,26 @@ async def _reroute_through(topo: SentinelTopology, replica_port: int, proxy: Tcp
         assert time.monotonic() < deadline, f"replica not up through the proxy: {rep}"
         await asyncio.sleep(0.05)
     await asyncio.to_thread(topo.wait_replicas_synced, primary, len(topo.data) - 1, 60)
+
+
+async def _check(
+    topo: SentinelTopology, s: Settings, load: KeyedLoad, base: str, sales: list[str]
+) -> Verdict:
+    """The history check, on a settled topology: every replica synced (the
+    checker drains the streams, and a primary short of good replicas refuses
+    those writes -- NOREPLICAS -- for a moment on a loaded machine: then again)."""
+    for attempt in range(CHECK_TRIES):
+        await asyncio.to_thread(topo.wait_replicas_synced, topo.primary().port,
+                                len(topo.data) - 1, 60)
+        try:
+            async with open_backends(s) as b:
+                return await load.history.check(HttpReader(b, base, ADMIN_TOKEN), sales=sales)
+        except RedisError as exc:
+            if attempt == CHECK_TRIES - 1:
+                raise
+            print(f"history check: {exc!r}; again ({topo.describe()})", flush=True)
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
 
 
 async def _scenario(
@@ -236,9 +258,7 @@ async def _scenario(
             except TimeoutError:
                 grace.set()
                 await running
-        async with open_backends(s) as b:
-            verdict = await load.history.check(HttpReader(b, base, ADMIN_TOKEN),
-                                               sales=[big, hot])
+        verdict = await _check(topo, s, load, base, [big, hot])
         hot_sale = next(v for v in verdict.sales if v.sale_id == hot)
         figures.update(
             fault=fault, replica_acks=acks, cycles=cycles, keys=load.keys,
