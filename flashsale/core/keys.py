@@ -11,6 +11,7 @@
     <p>:{<sale>}:dlq        dead-lettered stream entries (capped)
     <p>:{<sale>}:void       sorted set: order ids found unreserved after a lost
                             reply (score: ms); reserve_batch never reserves them
+    <p>:{<sale>}:fence      a write whose replication WAIT confirms (replication.py)
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
     <p>:idemclaim:<len>:<user>:<key> Redis Cluster only: "<sale>|<qty>", the sale and
@@ -66,6 +67,10 @@ class SaleKeys:
     @property
     def void(self) -> str:
         return f"{self.tag}:void"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag}:fence"
 
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix

@@ -42,6 +42,7 @@ SCRIPT_FILES = {
     "end_sale": "end_sale-1.lua",
     "undo_delivery": "undo_delivery-1.lua",
     "resolve_orders": "resolve_orders-3.lua",
+    "forget_idempotency": "forget_idempotency.lua",
 }
 
 
@@ -58,6 +59,7 @@ class Scripts:
     end_sale: AsyncScript
     undo_delivery: AsyncScript
     resolve_orders: AsyncScript
+    forget_idempotency: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:
