@@ -8,12 +8,13 @@ RUNTIME_STAMP := $(VENV)/.flashsale-runtime
 export PY VENV
 
 .DEFAULT_GOAL := help
-.PHONY: help venv venv-runtime servers tools rules run test lint typecheck chaos bench soak loadtest clean
+.PHONY: help venv venv-runtime servers tools rules run test lint typecheck chaos bench soak loadtest sentinel clean
 
 help:
 	@echo "make run        start Redis, PostgreSQL, HTTP API, consumer and compensator (flashsale up)"
 	@echo "make test       lint, typecheck and the whole test suite against real servers"
 	@echo "make soak       5-minute memory soak: front RSS and Redis memory per order (bench/soak.py)"
+	@echo "make sentinel   a Redis primary, a replica and 3 sentinels on loopback; prints the env to use"
 	@echo "make lint | typecheck | chaos | bench | soak | loadtest | clean"
 
 # The venv is (re)installed only when pyproject.toml is newer than a stamp:
@@ -82,6 +83,11 @@ bench: venv servers $(OPENLOOP)
 soak: venv servers
 	bash bench/ensure-wrk.sh
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
+
+# A Sentinel topology for trying failover by hand (flashsale/run/embedded/sentinel.py):
+# prints FLASHSALE_REDIS_SENTINELS / _SENTINEL_MASTER; Ctrl-C stops it.
+sentinel: venv-runtime servers
+	$(BIN)/python -m flashsale.run.embedded.sentinel $(SENTINEL_ARGS)
 
 loadtest: venv servers
 	$(BIN)/python -m loadtest.run

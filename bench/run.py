@@ -38,7 +38,7 @@ import asyncpg
 import uvloop
 from redis.asyncio import Redis
 
-from bench import loadgen, procs, report
+from bench import loadgen, procs, replicated, report
 from bench import room as bench_room
 from bench.drain import DrainResult, measure_drain
 from bench.history import measure_history
@@ -46,13 +46,14 @@ from bench.hotsku import measure_hot_sku
 from bench.lab import Lab, Options
 from bench.latency import measure_open_loop
 from bench.measure import SystemResult, measure
+from bench.replicated import OwnRedisTarget, ReplicatedTarget
 from bench.targets import EchoTarget, FlashsaleTarget, NaivePgTarget
 from flashsale import auth
 from flashsale.core import migrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "drain", "openloop", "hotsku", "history",
-           "room")
+SYSTEMS = ("echo", "naive_pg", "reserve", "soldout", "replica", "drain", "openloop", "hotsku",
+           "history", "room")
 TOKEN_TTL_S = 6 * 3600
 
 
@@ -284,6 +285,16 @@ async def _systems(lab: Lab) -> tuple[list[SystemResult], DrainResult | None]:
         for n in opts.workers:
             t = FlashsaleTarget(lab, f"soldout_w{n}", label("flashsale sold-out", n), n)
             plan.append(("soldout", t, True))
+    if "replica" in opts.systems:  # the price of one replica acknowledging (bench/replicated.py)
+        for n in opts.workers[:1]:
+            # kind "replica": the reserve workload, kept out of the figures that pick
+            # the best "reserve" system (headline, open loop, CPU per order, history)
+            plan.append(("replica", OwnRedisTarget(
+                lab, replicated.OWN_KEY.format(n=n),
+                label("flashsale reserve, own Redis, no replica", n), n), False))
+            plan.append(("replica", ReplicatedTarget(
+                lab, replicated.REPLICATED_KEY.format(n=n),
+                label("flashsale reserve, own Redis, 1 replica acknowledging", n), n), False))
     for kind, target, sold_out in plan:
         print(f"== {target.label}", flush=True)
         results.append(await measure(lab, target, kind, sold_out=sold_out))
@@ -369,7 +380,7 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
             room_md, _room_js = bench_room.write(await bench_room.measure_room(lab),
                                                  opts.out_dir)
             print(room_md.read_text())
-        meta = {
+        meta: dict[str, Any] = {
             "started": started, "machine": machine(), "cores": os.cpu_count(),
             "loadgen": opts.loadgen if opts.loadgen != "wrk" else wrk_version(),
             "threads": opts.threads, "connections": opts.connections, "runs": opts.runs,
@@ -385,7 +396,12 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
             "openloop": "bench/openloop/openloop.c (C, epoll, constant arrival rate, "
             "latency from the due time)",
         }
+        replica_cost = replicated.ratio(results, opts.workers[0]) if opts.workers else None
+        if replica_cost is not None:  # the price of "acknowledged means replicated"
+            meta["replica_ack_cost"] = replica_cost
         md, js, png = report.write(results, drain, meta, opts.out_dir, extras)
+        if replica_cost is not None:
+            md.write_text(md.read_text() + replicated.markdown(replica_cost))
     print()
     print(md.read_text())
     print(f"wrote {md}, {js}, {png}")

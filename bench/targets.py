@@ -163,10 +163,14 @@ class FlashsaleTarget(Target):
     compensator: procs.Child | None = None
     sales: list[str]
 
+    def service_env(self) -> dict[str, str]:
+        """The environment of the service's processes (a subclass adds to it)."""
+        return self.lab.child_env(FLASHSALE_PORT=str(self.port))
+
     async def start(self) -> None:
         self.sales = []
         self.port = free_port()
-        env = self.lab.child_env(FLASHSALE_PORT=str(self.port))
+        env = self.service_env()
         self.consumer = procs.start(
             f"{self.key}-consumer", procs.python_module("flashsale", "consume"), env,
             self.lab.logs,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from collections.abc import Mapping
@@ -47,6 +48,34 @@ def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> i
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     raw = env.get(name) or None
     return Path(raw) if raw is not None else None
+
+
+SENTINELS_MAX = 16
+_MASTER_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REPLICA_ACKS_MAX = 16
+# below redis_timeout_s: WAIT must answer before the socket times out
+REPLICA_ACK_TIMEOUT_MS_MAX = 1_500
+
+
+def _sentinels(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """FLASHSALE_REDIS_SENTINELS: "host:port" entries separated by commas."""
+    raw = (env.get("FLASHSALE_REDIS_SENTINELS") or "").strip()
+    if not raw:
+        return ()
+    out: list[tuple[str, int]] = []
+    for entry in (e.strip() for e in raw.split(",")):
+        host, sep, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 \
+                or any(ch.isspace() or ch in "/@" for ch in host):
+            raise ConfigError(
+                f"FLASHSALE_REDIS_SENTINELS must be host:port entries separated by commas "
+                f"(got {entry!r})"
+            )
+        out.append((host, int(port)))
+    if len(out) > SENTINELS_MAX:
+        raise ConfigError(f"FLASHSALE_REDIS_SENTINELS names at most {SENTINELS_MAX} sentinels")
+    return tuple(out)
 
 
 def _url(
@@ -106,6 +135,11 @@ class Settings:
     embedded_pg_bin_dir: Path | None = None  # a directory with initdb and postgres to prefer
     embedded_restart_max: int = 5  # restarts of a dead server within the window; 0: none
     embedded_restart_window_s: int = 60
+    # Redis Sentinel (in place of redis_url) and replica acknowledgement (replication.py)
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "flashsale"
+    redis_replica_acks: int = 0  # WAIT for this many replicas after each reservation batch
+    redis_replica_ack_timeout_ms: int = 500
     # reservation path
     idempotency_ttl_s: int = 86_400
     reserve_batch_max: int = 256
@@ -208,8 +242,38 @@ class Settings:
         prefix = env.get("FLASHSALE_KEY_PREFIX", "fs")
         if not prefix or not all(ch.isalnum() or ch in "_-" for ch in prefix):
             raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
+        redis_url = _url(env, "FLASHSALE_REDIS_URL", ("redis", "rediss", "unix"))
+        cluster = env.get("FLASHSALE_REDIS_CLUSTER", "") in ("1", "true", "yes")
+        sentinels = _sentinels(env)
+        master = env.get("FLASHSALE_REDIS_SENTINEL_MASTER") or "flashsale"
+        if not _MASTER_NAME_RE.match(master):
+            raise ConfigError(
+                "FLASHSALE_REDIS_SENTINEL_MASTER must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+        if sentinels and redis_url:
+            raise ConfigError(
+                "set FLASHSALE_REDIS_SENTINELS or FLASHSALE_REDIS_URL, not both "
+                "(with Sentinel the primary is found through the sentinels)"
+            )
+        if sentinels and cluster:
+            raise ConfigError(
+                "FLASHSALE_REDIS_SENTINELS and FLASHSALE_REDIS_CLUSTER exclude each other"
+            )
+        # acknowledged means replicated: on by default where the topology has a replica
+        acks = _int(env, "FLASHSALE_REDIS_REPLICA_ACKS", 1 if sentinels else 0, 0, REPLICA_ACKS_MAX)
+        if acks and cluster:
+            raise ConfigError(
+                "FLASHSALE_REDIS_REPLICA_ACKS is not supported with FLASHSALE_REDIS_CLUSTER yet "
+                "(set it to 0)"
+            )
         return cls(
-            redis_url=_url(env, "FLASHSALE_REDIS_URL", ("redis", "rediss", "unix")),
+            redis_url=redis_url,
+            redis_sentinels=sentinels,
+            redis_sentinel_master=master,
+            redis_replica_acks=acks,
+            redis_replica_ack_timeout_ms=_int(
+                env, "FLASHSALE_REDIS_REPLICA_ACK_TIMEOUT_MS", 500, 1, REPLICA_ACK_TIMEOUT_MS_MAX
+            ),
             database_url=_url(
                 env, "FLASHSALE_DATABASE_URL", ("postgres", "postgresql"), check_port=False
             ),
@@ -218,7 +282,7 @@ class Settings:
             data_dir=Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
             generated=tuple(generated),
             key_prefix=prefix,
-            redis_cluster=env.get("FLASHSALE_REDIS_CLUSTER", "") in ("1", "true", "yes"),
+            redis_cluster=cluster,
             redis_appendfsync=fsync,
             log_level=log_level,
             embedded_user=env.get("FLASHSALE_EMBEDDED_USER") or None,
@@ -273,10 +337,15 @@ class Settings:
             pass_secret=secrets_["pass_secret"],
         )
 
+    @property
+    def redis_given(self) -> bool:
+        """A Redis is configured (a URL or Sentinels): no embedded one starts."""
+        return bool(self.redis_url or self.redis_sentinels)
+
     def with_urls(self, redis_url: str | None, database_url: str | None) -> Settings:
         """A copy whose missing URLs are filled in (by the embedded servers)."""
         return replace(
             self,
-            redis_url=self.redis_url or redis_url,
+            redis_url=self.redis_url or (None if self.redis_sentinels else redis_url),
             database_url=self.database_url or database_url,
         )

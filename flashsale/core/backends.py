@@ -13,6 +13,7 @@ from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import NoBackoff
 from redis.connection import HiredisRespSerializer
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -90,6 +91,18 @@ def server_run_id(info: object) -> str:
     return ""
 
 
+class HiredisPackSentinelConnection(SentinelManagedConnection):
+    """A Sentinel-managed connection (it asks the sentinels for the primary on
+    every connect, so a failover is followed by the next reconnect) that packs
+    commands like HiredisPackConnection."""
+
+    _serializer = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
+        return packed
+
+
 def as_text(raw: bytes | str) -> str:
     """A Redis reply as text: the client hands replies over undecoded (bytes)."""
     return raw.decode() if isinstance(raw, bytes) else raw
@@ -121,10 +134,14 @@ CLUSTER_RETRIES = 1
 
 
 def redis_client(settings: Settings, guard: RestartGuard | None = None) -> RedisClient:
-    """A standalone client, or a cluster client (the URL is a seed node) when
-    FLASHSALE_REDIS_CLUSTER is set: every script's keys share the sale's slot.
-    ``guard`` checks every new connection (standalone only: the cluster client
-    keeps the connection hook for itself)."""
+    """A standalone client, a cluster client (the URL is a seed node) when
+    FLASHSALE_REDIS_CLUSTER is set (every script's keys share the sale's slot),
+    or, with FLASHSALE_REDIS_SENTINELS, a client of the primary the sentinels
+    name (see sentinel_client). ``guard`` checks every new connection
+    (standalone and Sentinel: the cluster client keeps the connection hook for
+    itself)."""
+    if settings.redis_sentinels:
+        return sentinel_client(settings, guard)
     assert settings.redis_url, "redis_url must be set (embedded servers fill it in)"
     if settings.redis_cluster:
         return RedisCluster.from_url(
@@ -146,6 +163,56 @@ def redis_client(settings: Settings, guard: RestartGuard | None = None) -> Redis
     )
 
 
+def sentinel_client(settings: Settings, guard: RestartGuard | None = None) -> Redis:
+    """A client of the primary of ``redis_sentinel_master``: redis-py's
+    SentinelConnectionPool asks the sentinels for the primary's address on each
+    new connection and drops its idle connections when the address changed; a
+    connection to a demoted primary is closed on its first READONLY reply. So a
+    failover costs the commands in flight (they fail as a broken connection
+    would) and the next ones go to the new primary: no restart.
+
+    A sentinel's answer counts only if it sees at least one other sentinel (when
+    more than one is configured), so a sentinel cut off from its peers cannot
+    send clients to a stale primary.
+
+    A promoted replica is another server (another run_id) than the primary the
+    ``guard`` verified: its first connection is refused until the server is
+    verified against PostgreSQL's stream watermarks (it may lack the last
+    writes the consumer persisted from the old primary). redis-py's
+    SentinelManagedConnection connects through Connection.connect_check_health,
+    which calls ``redis_connect_func`` after every (re)connect, as for a
+    standalone client. No client retry, as standalone (see STANDALONE_RETRIES):
+    a broken reservation is resolved by reserve.py, never re-sent blind."""
+    timeout = settings.redis_timeout_s
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        list(settings.redis_sentinels),
+        min_other_sentinels=1 if len(settings.redis_sentinels) > 1 else 0,
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+    )
+    client: Redis = sentinel.master_for(
+        settings.redis_sentinel_master,
+        connection_class=HiredisPackSentinelConnection if HIREDIS_AVAILABLE
+        else SentinelManagedConnection,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=10,
+        max_connections=256,
+        redis_connect_func=guard.connect if guard is not None else None,
+        retry=Retry(NoBackoff(), STANDALONE_RETRIES),
+    )
+    return client
+
+
+async def close_redis(redis: RedisClient) -> None:
+    """Close a client from redis_client (and the sentinels' own connections)."""
+    pool = getattr(redis, "connection_pool", None)
+    try:
+        await redis.aclose()
+    finally:
+        if isinstance(pool, SentinelConnectionPool):
+            await pool.sentinel_manager.aclose()
+
+
 async def pg_pool(settings: Settings) -> asyncpg.Pool:
     assert settings.database_url, "database_url must be set (embedded servers fill it in)"
     pool = await asyncpg.create_pool(
@@ -161,7 +228,7 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool:
 
 @asynccontextmanager
 async def open_backends(settings: Settings, *, guarded: bool = False) -> AsyncIterator[Backends]:
-    """``guarded``: with a RestartGuard (standalone Redis), for processes that
+    """``guarded``: with a RestartGuard (standalone or Sentinel), for processes that
     reserve; its owner verifies the server (see web/rebuilds.py)."""
     guard = RestartGuard() if guarded and not settings.redis_cluster else None
     redis = redis_client(settings, guard)
@@ -173,7 +240,7 @@ async def open_backends(settings: Settings, *, guarded: bool = False) -> AsyncIt
         finally:
             await pool.close()
     finally:
-        await redis.aclose()
+        await close_redis(redis)
 
 
 @asynccontextmanager
@@ -184,4 +251,4 @@ async def unguarded(b: Backends) -> AsyncIterator[Backends]:
     try:
         yield Backends(b.settings, redis, b.pg, Scripts.register(redis))
     finally:
-        await redis.aclose()
+        await close_redis(redis)

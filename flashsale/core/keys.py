@@ -16,6 +16,7 @@
                             sale hash (room, room_rate, room_pass_ms, room_oversub,
                             room_paused), see flashsale/room/keys.py
     <p>:{<sale>}:room:*     the room's tickets, queue, heartbeats, passes, log
+    <p>:{<sale>}:fence      a write whose replication WAIT confirms (replication.py)
     <p>:idem:<len>:<user>:<key>      idempotency record (standalone Redis), or
     <p>:{<sale>}:idem:<len>:<user>:<key>  (Redis Cluster: same slot as the sale)
     <p>:idemclaim:<len>:<user>:<key> Redis Cluster only: "<sale>|<qty>", the sale and
@@ -111,6 +112,10 @@ class SaleKeys:
             self.room, self.room_queue, self.room_tickets, self.room_buyers, self.room_beats,
             self.room_admitted, self.room_used, self.room_log,
         )
+
+    @property
+    def fence(self) -> str:
+        return f"{self.tag}:fence"
 
     def idempotency(self, user_id: str, key: str) -> str:
         scope = self.tag if self.cluster else self.prefix

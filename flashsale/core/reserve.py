@@ -14,6 +14,10 @@ voids the others (never reserved afterwards: a late copy of the request is
 refused). When Redis cannot be asked, a keyless order is released through the
 release protocol for unpersisted orders; a keyed one is 503 "outcome
 unknown, retry with the same key". The happy path pays nothing for this.
+
+With FLASHSALE_REDIS_REPLICA_ACKS the script goes out with one WAIT and a
+batch too few replicas acknowledged is released through that same release
+(replication.py), keyed orders too (their records are then forgotten).
 """
 
 from __future__ import annotations
@@ -37,10 +41,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
 from flashsale.core import record, release
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends, RedisUnverified, as_text
 from flashsale.core.keys import SaleKeys
 from flashsale.core.record import Order
 from flashsale.core.record import new_order_id as new_order_id
+from flashsale.core.replication import NOT_REPLICATED, Replication, forget_accepted
 from flashsale.core.scripts import (
     ACCEPTED,
     REPLAY,
@@ -66,8 +71,13 @@ UNKNOWN_KEYLESS = (
     "without an Idempotency-Key, cannot be looked up: an order made then holds its stock "
     "until it expires. Send an Idempotency-Key to make a retry return the first outcome"
 )
+NOT_VERIFIED = (
+    "Redis is being checked against PostgreSQL (it restarted or failed over); nothing was "
+    "reserved: retry shortly"
+)
 RELEASE_ACTOR = "reserver"
 RELEASE_DETAIL = "reservation reply lost; released before the 503"
+UNREPLICATED_DETAIL = "not acknowledged by enough Redis replicas in time; released before the 503"
 RESOLVE_PAUSE_S = 0.05  # between lookups of a lost reply (each bounded by redis_timeout_s)
 VOID_KEEP_MS = 86_400_000  # a voided order id is refused this long (lua/resolve_orders-3.lua)
 CLAIM_MARGIN_S = 300  # a cluster key claim outlives the sale's record it guards by this
@@ -215,6 +225,10 @@ class Reserver:
         self._inflight_max = s.reserve_inflight_batches
         self._queue_max = s.reserve_queue_max
         self._tasks: set[asyncio.Task[None]] = set()
+        # acknowledged means replicated (FLASHSALE_REDIS_REPLICA_ACKS): see replication.py
+        self._replication = (
+            Replication(backends, RELEASE_ACTOR) if s.redis_replica_acks > 0 else None
+        )
 
     async def reserve(
         self, sale_id: str, user_id: str, quantity: int, idempotency_key: str | None,
@@ -253,7 +267,7 @@ class Reserver:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, sale_id: str, lane: _Lane, items: list[_Item]) -> None:
-        lost: tuple[list[_Item], int] | None = None
+        lost: tuple[list[_Item], int, bool] | None = None
         try:
             lost = await self._decide(sale_id, items)
         finally:
@@ -263,14 +277,22 @@ class Reserver:
             elif lane.inflight == 0 and self._lanes.get(sale_id) is lane:
                 del self._lanes[sale_id]
         if lost is not None:  # resolved outside the lane's slot: the next batch goes on
+            lost_items, now_ms, unreplicated = lost
             try:
-                await self._resolve(sale_id, *lost)
+                if unreplicated:  # reserved but not replicated in time (replication.py)
+                    await self._release_unknown(sale_id, lost_items, now_ms, unreplicated=True)
+                else:
+                    await self._resolve(sale_id, lost_items, now_ms)
             finally:  # cancelled half way: nobody is left without an answer
                 self._fail_all(lost[0], errors.Unavailable(OUTCOME_UNKNOWN))
 
-    async def _decide(self, sale_id: str, items: list[_Item]) -> tuple[list[_Item], int] | None:
-        """One script call for the items. Returns the items and the batch's
-        now_ms when the reply was lost (the caller resolves them), else None."""
+    async def _decide(
+        self, sale_id: str, items: list[_Item]
+    ) -> tuple[list[_Item], int, bool] | None:
+        """One script call for the items. Returns the items, the batch's now_ms
+        and False when the reply was lost (the caller resolves them); the new
+        orders, now_ms and True when too few replicas acknowledged the batch
+        (the caller releases them); else None."""
         now_ms = int(time.time() * 1000)
         k = self._b.keys(sale_id)
         items = _pack(k, items, now_ms)
@@ -285,25 +307,45 @@ class Reserver:
         for item in items:
             keys.append(item.record_key or k.sale)
             args.append(item.packed)
+        acked = 0
         try:
-            results = await self._b.scripts.reserve_batch(keys=keys, args=args)
+            if self._replication is None:
+                results = await self._b.scripts.reserve_batch(keys=keys, args=args)
+            else:  # the script and one WAIT for the batch (replication.py)
+                results, acked = await self._replication.reserve_batch(keys, args)
+        except RedisUnverified:  # refused at connect, before the script was sent
+            self._fail_all(items, errors.Unavailable(NOT_VERIFIED))
+            return None
         except (RedisTimeoutError, RedisConnectionError, OSError):
             # sent, maybe run, the reply lost: find out before answering anyone
-            return items, now_ms
+            return items, now_ms, False
         except RedisError as exc:  # refused by Redis (BUSY, OOM, ...): the script wrote nothing
             self._fail_all(items, errors.Unavailable(f"reservation failed: {exc}"))
             return None
         except BaseException:
             self._fail_all(items, errors.Unavailable(OUTCOME_UNKNOWN))
             raise
+        decided: list[Outcome | errors.FlashsaleError] = []
         for i, item in enumerate(items):
-            if item.future.done():
-                continue
             code, detail = int(results[2 * i]), as_text(results[2 * i + 1])
-            if code == VOIDED:  # only a late copy of a lost request meets a void
-                item.future.set_exception(errors.Unavailable(NOT_RESERVED))
+            # only a late copy of a lost request meets a void
+            decided.append(errors.Unavailable(NOT_RESERVED) if code == VOIDED
+                           else _outcome(sale_id, item, code, detail))
+        to_release: list[int] = []
+        if self._replication is not None:  # answered only once replicated (replication.py)
+            answers, to_release = await self._replication.settle(sale_id, items, decided, acked)
+            decided = [answers.get(i, o) for i, o in enumerate(decided)]
+        releasing = set(to_release)
+        for i, item in enumerate(items):
+            o = decided[i]
+            if item.future.done() or i in releasing:
+                continue
+            if isinstance(o, errors.FlashsaleError):
+                item.future.set_exception(o)
             else:
-                item.future.set_result(_outcome(sale_id, item, code, detail))
+                item.future.set_result(o)
+        if to_release:
+            return [items[i] for i in to_release], now_ms, True
         return None
 
     async def _claim(self, k: SaleKeys, items: list[_Item]) -> list[_Item]:
@@ -422,7 +464,9 @@ class Reserver:
         finally:
             await conn.disconnect(nowait=True)
 
-    async def _release_unknown(self, sale_id: str, items: list[_Item], now_ms: int) -> None:
+    async def _release_unknown(
+        self, sale_id: str, items: list[_Item], now_ms: int, *, unreplicated: bool = False
+    ) -> None:
         """Keyless items whose outcome Redis could not tell are released with the
         release protocol for orders not yet persisted (core/release.py): the order row goes
         in already ``failed``, with its release row, ``ON CONFLICT DO NOTHING``
@@ -432,7 +476,13 @@ class Reserver:
         consumer did (persisted, holding), the answer is that order's 202.
         If PostgreSQL does not answer either, the outcome stays unknown and,
         without a key, the buyer cannot learn it: an order made then is a normal
-        order, held until it expires (the 503's message says so)."""
+        order, held until it expires (the 503's message says so).
+
+        Keyed items come here only from a batch too few replicas acknowledged
+        (replication.py: Redis answered, the orders are held). Released, their
+        "accepted" records are forgotten, so a retry decides afresh; if
+        PostgreSQL does not answer they are 503 "outcome unknown, retry with
+        the same key" (their records answer the retry)."""
         b = self._b
         ids = [item.order_id for item in items]
         try:
@@ -449,17 +499,28 @@ class Reserver:
                         now_ms + sale["hold_seconds"] * 1000, item.idempotency_key,
                     )
                     for item in items
-                ], "failed", RELEASE_ACTOR, RELEASE_DETAIL)
+                ], "failed", RELEASE_ACTOR, UNREPLICATED_DETAIL if unreplicated else RELEASE_DETAIL)
                 rows = {r["order_id"]: r for r in await b.pg.fetch(
                     "SELECT order_id, quantity, amount_cents, status, expires_at FROM orders "
                     "WHERE order_id = ANY($1::text[])", [i for i in ids if i not in inserted],
                 )} if len(inserted) < len(ids) else {}
         except (asyncpg.PostgresError, OSError, TimeoutError, LookupError) as exc:
-            log.warning("lost reservation reply of %d keyless orders unresolved: %r", len(ids), exc)
-            self._fail_all(items, errors.Unavailable(UNKNOWN_KEYLESS))
+            log.warning("release of %d orders of unknown outcome failed: %r", len(ids), exc)
+            self._fail_all([i for i in items if i.idempotency_key is None],
+                           errors.Unavailable(UNKNOWN_KEYLESS))
+            self._fail_all(items, errors.Unavailable(OUTCOME_UNKNOWN))
             return
+        keyed = [(item.user_id, item.idempotency_key, item.order_id) for item in items
+                 if item.idempotency_key is not None and item.order_id in inserted]
+        if keyed:  # replication.py: a retry then decides afresh
+            try:
+                await forget_accepted(b, sale_id, keyed)
+            except (RedisError, OSError) as exc:  # a retry may replay the released order
+                log.warning("forgetting %d released orders' keys failed: %r", len(keyed), exc)
         if inserted:
-            await self._return_released(sale_id, [i for i in ids if i in inserted], now_ms)
+            await self._return_released(
+                sale_id, [i for i in ids if i in inserted], now_ms, voids=not unreplicated
+            )
         for item in items:
             row = rows.get(item.order_id)
             if row is not None and row["status"] in HOLDING:  # persisted first: a real order
@@ -469,17 +530,21 @@ class Reserver:
                 ), replay=False))
             else:
                 item.future.set_exception(errors.Unavailable(
+                    NOT_REPLICATED if unreplicated else
                     RELEASED if item.order_id in inserted else NOT_RESERVED
                 ))
 
-    async def _return_released(self, sale_id: str, order_ids: list[str], now_ms: int) -> None:
+    async def _return_released(
+        self, sale_id: str, order_ids: list[str], now_ms: int, *, voids: bool = True
+    ) -> None:
         """Step 2 of that release, best effort within about ``redis_timeout_s``:
         void what the script has not reserved (a late copy of the request then
-        reserves nothing), then release.lua (guarded by the hold) returns what it
-        did and closes the outbox rows. What fails here the compensator's outbox
-        sweep finishes with release.lua."""
+        reserves nothing; not ``voids`` when the script's reply came: it ran),
+        then release.lua (guarded by the hold) returns what it did and closes
+        the outbox rows. What fails here the compensator's outbox sweep
+        finishes with release.lua."""
         s = self._b.settings
-        if await self._lookup(sale_id, order_ids, now_ms, s.redis_timeout_s) is None:
+        if voids and await self._lookup(sale_id, order_ids, now_ms, s.redis_timeout_s) is None:
             log.warning("release of %d orders left to the outbox", len(order_ids))
             return
         try:

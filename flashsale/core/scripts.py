@@ -48,6 +48,7 @@ SCRIPT_FILES = {
     "room_admit": "room_admit-8.lua",
     "room_close": "room_close-3.lua",
     "room_configure": "room_configure-1.lua",
+    "forget_idempotency": "forget_idempotency.lua",
 }
 
 
@@ -69,6 +70,7 @@ class Scripts:
     room_admit: AsyncScript
     room_close: AsyncScript
     room_configure: AsyncScript
+    forget_idempotency: AsyncScript
 
     @classmethod
     def register(cls, redis: RedisClient) -> Scripts:

@@ -120,7 +120,7 @@ def backing_servers(settings: Settings) -> Iterator[Settings]:
     SIGTERM) and leaving this context raises EmbeddedError with the one-line
     reason, which the CLI prints before exiting with status 1.
     """
-    if settings.redis_url and settings.database_url:
+    if settings.redis_given and settings.database_url:
         yield settings
         return
     servers = EmbeddedServers.from_settings(settings, Path(settings.data_dir).resolve())

@@ -60,12 +60,14 @@ class _Link:
         self.client = client
         self.upstream = upstream
         self.closed = False
+        self.aborted = asyncio.Event()  # wakes a forwarder waiting out a delay
 
     def abort(self) -> None:
         """Reset both sides now (RST where the OS allows it)."""
         if self.closed:
             return
         self.closed = True
+        self.aborted.set()
         for w in (self.client, self.upstream):
             with contextlib.suppress(OSError, RuntimeError):
                 sock = w.get_extra_info("socket")
@@ -278,8 +280,9 @@ class TcpProxy:
             if item is None or link.closed:
                 break
             due, data = item
-            if due > loop.time():
-                await asyncio.sleep(due - loop.time())
+            if due > loop.time():  # an abort drops what is still held back
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(link.aborted.wait(), due - loop.time())
             if link.closed:
                 break
             if self._blackhole:

@@ -524,6 +524,11 @@ def classify_sale(
 
     # rows no ok operation returned: explained by an unknown operation, or unexpected
     candidates = [o for o in ops if o.settled_unknown]
+    # a 503 "nothing reserved" whose order was made and then released before the
+    # answer (replication.py: the batch was not replicated in time) leaves a row
+    # that holds nothing: status failed, with its release row
+    voided = [o for o in ops if o.outcome is Outcome.FAILED and o.reply is not None
+              and o.reply.status == 503]
     used: set[OpId] = set()
     for row in sorted(state.rows.values(), key=lambda r: r.order_id):
         if row.order_id in by_order:
@@ -536,6 +541,11 @@ def classify_sale(
             (o for o in candidates if o.op not in used and o.request.user_id == row.user_id
              and o.request.quantity == row.quantity and o.request.key == row.key), None,
         )
+        if match is None and row.status == "failed" and row.order_id in state.releases:
+            match = next(
+                (o for o in voided if o.op not in used and o.request.user_id == row.user_id
+                 and o.request.quantity == row.quantity and o.request.key == row.key), None,
+            )
         if match is None:
             orders.append(OrderVerdict(
                 row.order_id, state.sale_id, Fate.UNEXPECTED, row.status, (),

@@ -89,6 +89,10 @@ def test_quick_bench_writes_the_three_files(request: pytest.FixtureRequest, tmp_
     for heading in ("## CPU per order", "## Open-loop latency", "## Hot-SKU ceiling",
                     "## Cost of history", "## Targets of issue 14"):
         assert heading in md
+    # the price of one replica acknowledging (bench/replicated.py), same run
+    cost = doc["meta"]["replica_ack_cost"]
+    assert {"throughput_ratio", "p99_ratio"} <= set(cost)
+    assert "one replica acknowledging vs none" in md
 
 
 def test_quick_bench_python_load_generator(request: pytest.FixtureRequest, tmp_path: Path) -> None:

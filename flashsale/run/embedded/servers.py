@@ -176,7 +176,7 @@ class EmbeddedServers:
         """Servers for whatever ``settings.redis_url`` / ``database_url`` leave unset."""
         return cls(
             Path(data_dir or settings.data_dir),
-            redis=settings.redis_url is None,
+            redis=not settings.redis_given,
             postgres=settings.database_url is None,
             appendfsync=settings.redis_appendfsync,
             run_as_user=settings.embedded_user,
