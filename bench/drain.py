@@ -24,7 +24,8 @@ from bench.targets import Check
 from flashsale.config import Settings
 from flashsale.core import ledger, sales
 from flashsale.core.backends import Backends, open_backends
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.outcomes import Accepted
+from flashsale.core.reserve import Reserver
 
 CHUNK = 2_000
 POLL_S = 0.01

@@ -13,7 +13,7 @@ from aiohttp.streams import StreamReader
 from flashsale import errors, validate
 from flashsale.commerce import orders
 from flashsale.core import ledger, sales
-from flashsale.core.reserve import Refused
+from flashsale.core.outcomes import Refused
 from flashsale.core.scripts import RESERVE_ERRORS
 from flashsale.room import passes
 from flashsale.schemas.bodies import OrderCreate, Restock, SaleCreate

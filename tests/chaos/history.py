@@ -19,7 +19,7 @@ queues drained, read the final state and classify each accepted order::
   contract reserved nothing;
 * ``unknown``: no answer (timeout, connection reset, the front killed), any
   other 5xx, or a 503 that says the outcome is unknown (a Redis timeout while
-  the script may have run; see flashsale/core/reserve.py). An operation never
+  the script may have run; see flashsale/core/resolve.py). An operation never
   completed counts as unknown too.
 
 **Final read**, per sale the history touched: PostgreSQL ``orders``,
@@ -74,7 +74,7 @@ OpId = NewType("OpId", int)
 
 HOLDING = frozenset({"awaiting_payment", "paid", "shipped"})
 RELEASED = frozenset({"cancelled", "expired", "failed"})
-UNKNOWN_OUTCOME_MARK = "outcome is unknown"  # flashsale/core/reserve.py, Redis timeout
+UNKNOWN_OUTCOME_MARK = "outcome is unknown"  # flashsale/core/outcomes.py, Redis timeout
 
 
 class Outcome(StrEnum):

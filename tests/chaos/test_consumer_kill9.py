@@ -29,8 +29,9 @@ from flashsale.config import Settings
 from flashsale.core import dead_letters, record
 from flashsale.core.backends import Backends
 from flashsale.core.deduct import persist_batch
+from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import Persister
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.faults import TcpProxy

@@ -83,9 +83,9 @@ async def _faults(proxy: TcpProxy, stop: asyncio.Event, counts: dict[str, int]) 
 
 
 def _logged(caplog: pytest.LogCaptureFixture, field: str) -> int:
-    """Sum of a count flashsale/core/reserve.py logs on each lost reply it resolves."""
+    """Sum of a count flashsale/core/resolve.py logs on each lost reply it resolves."""
     return sum(
-        int(getattr(r, field, 0)) for r in caplog.records if r.name == "flashsale.core.reserve"
+        int(getattr(r, field, 0)) for r in caplog.records if r.name == "flashsale.core.resolve"
     )
 
 
@@ -93,7 +93,7 @@ async def test_lost_reply_retry_same_key_one_reservation(
     chaos_settings: Settings, direct: Backends, figures: Figures,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="flashsale.core.reserve")
+    caplog.set_level(logging.WARNING, logger="flashsale.core.resolve")
     assert chaos_settings.redis_url
     r = urlsplit(chaos_settings.redis_url)
     assert r.hostname and r.port

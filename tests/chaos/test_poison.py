@@ -25,8 +25,9 @@ import pytest
 
 from flashsale.config import Settings
 from flashsale.core.backends import Backends
+from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import Persister
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.conftest import Figures
 from tests.chaos.harness import audit

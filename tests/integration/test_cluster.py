@@ -18,7 +18,7 @@ import pytest
 from redis import Redis
 from redis.crc import key_slot
 
-from flashsale.core.reserve import Reserver
+from flashsale.core.resolve import Resolver
 from flashsale.run.embedded.servers import find_redis_server
 from tests.support import Api, running_app, test_settings
 
@@ -174,7 +174,7 @@ async def test_idempotency_key_reused_across_sales_is_422(
         assert await api.reserve(a, "buyer", 1, key="k-1") == first  # the replay still works
         # the lookup of a lost reply reaches the sale's node on a fresh connection
         now_ms = int(time.time() * 1000)
-        found = await Reserver(api.backends)._lookup(
+        found = await Resolver(api.backends)._lookup(
             a, [first[1]["order_id"], f"{a}-never"], now_ms, 2.0
         )
         assert found is not None and found[f"{a}-never"] == (-6, ""), found

@@ -9,8 +9,9 @@ from collections import Counter
 from typing import Any
 
 from flashsale.core import events, ledger
+from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import run_consumers
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from tests.support import eventually, running_app, test_settings
 

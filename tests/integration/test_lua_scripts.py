@@ -9,7 +9,7 @@ from redis.commands.core import AsyncScript
 
 from flashsale.core.backends import Backends
 from flashsale.core.keys import SaleKeys
-from flashsale.core.reserve import fingerprint
+from flashsale.core.outcomes import fingerprint
 from tests.support import Api
 
 GROUP = "persist"

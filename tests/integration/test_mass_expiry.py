@@ -9,7 +9,8 @@ from typing import Any
 
 from flashsale.core import events, ledger, release
 from flashsale.core.compensate import Compensator
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.outcomes import Accepted
+from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from tests.support import eventually, running_app, test_settings
 

@@ -37,8 +37,9 @@ import pytest
 from flashsale.core import record
 from flashsale.core.backends import Backends, open_backends
 from flashsale.core.deduct import persist_batch
+from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import Persister
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.harness import audit
 from tests.support import Api, eventually, fresh_database, running_app, test_settings

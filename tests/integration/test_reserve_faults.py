@@ -24,7 +24,8 @@ import jwt
 from flashsale import errors
 from flashsale.config import Settings
 from flashsale.core.backends import Backends
-from flashsale.core.reserve import Accepted, Reserver
+from flashsale.core.outcomes import Accepted
+from flashsale.core.reserve import Reserver
 from tests.chaos.faults import TcpProxy
 from tests.support import JWT_SECRET, Api, eventually, running_app
 

@@ -22,7 +22,7 @@ import pytest
 
 from flashsale.config import ConfigError, Settings
 from flashsale.core import release
-from flashsale.core.reserve import RELEASE_ACTOR, UNREPLICATED_DETAIL
+from flashsale.core.outcomes import RELEASE_ACTOR, UNREPLICATED_DETAIL
 from flashsale.run.embedded.sentinel import SentinelTopology, command, info
 from tests.chaos.faults import TcpProxy
 from tests.chaos.history import History, HttpReader, Outcome
