@@ -9,6 +9,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from flashsale.schemas import bounds
@@ -31,6 +32,148 @@ def _valid_secret(name: str, value: str) -> str:
         raise ConfigError(f"{name} must be printable ASCII without spaces")
     return value
 
+
+
+# --------------------------------------------------------------------------- from_env, by group
+
+
+def _secrets_from(env: Mapping[str, str]) -> dict[str, Any]:
+    """The secrets given (validated), or generated: ``generated`` names those."""
+    generated: list[str] = []
+    out: dict[str, Any] = {}
+    for var, attr in (
+        ("FLASHSALE_ADMIN_TOKEN", "admin_token"),
+        ("FLASHSALE_JWT_SECRET", "jwt_secret"),
+        ("FLASHSALE_WEBHOOK_SECRET", "webhook_secret"),
+        ("FLASHSALE_PASS_SECRET", "pass_secret"),
+    ):
+        raw = env.get(var)
+        if raw is None or raw == "":
+            out[attr] = secrets.token_urlsafe(32)
+            generated.append(var)
+        else:
+            out[attr] = _valid_secret(var, raw)
+    return {**out, "generated": tuple(generated)}
+
+
+def _redis_from(env: Mapping[str, str]) -> dict[str, Any]:
+    """Redis: a URL, a Cluster seed or Sentinels; the key prefix; replica acks."""
+    fsync = env.get("FLASHSALE_REDIS_APPENDFSYNC", "everysec")
+    if fsync not in ("always", "everysec", "no"):
+        raise ConfigError("FLASHSALE_REDIS_APPENDFSYNC must be always, everysec or no")
+    prefix = env.get("FLASHSALE_KEY_PREFIX", "fs")
+    if not prefix or not all(ch.isalnum() or ch in "_-" for ch in prefix):
+        raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
+    redis_url = _url(env, "FLASHSALE_REDIS_URL", ("redis", "rediss", "unix"))
+    cluster = env.get("FLASHSALE_REDIS_CLUSTER", "") in ("1", "true", "yes")
+    sentinels = _sentinels(env)
+    master = env.get("FLASHSALE_REDIS_SENTINEL_MASTER") or "flashsale"
+    if not _MASTER_NAME_RE.match(master):
+        raise ConfigError(
+            "FLASHSALE_REDIS_SENTINEL_MASTER must be 1-64 letters, digits, '.', '_' or '-'"
+        )
+    if sentinels and redis_url:
+        raise ConfigError(
+            "set FLASHSALE_REDIS_SENTINELS or FLASHSALE_REDIS_URL, not both "
+            "(with Sentinel the primary is found through the sentinels)"
+        )
+    if sentinels and cluster:
+        raise ConfigError(
+            "FLASHSALE_REDIS_SENTINELS and FLASHSALE_REDIS_CLUSTER exclude each other"
+        )
+    # acknowledged means replicated: on by default where the topology has a replica
+    acks = _int(env, "FLASHSALE_REDIS_REPLICA_ACKS", 1 if sentinels else 0, 0, REPLICA_ACKS_MAX)
+    if acks and cluster:
+        raise ConfigError(
+            "FLASHSALE_REDIS_REPLICA_ACKS is not supported with FLASHSALE_REDIS_CLUSTER yet "
+            "(set it to 0)"
+        )
+    return {
+        "redis_url": redis_url, "redis_sentinels": sentinels, "redis_sentinel_master": master,
+        "redis_replica_acks": acks,
+        "redis_replica_ack_timeout_ms": _int(
+            env, "FLASHSALE_REDIS_REPLICA_ACK_TIMEOUT_MS", 500, 1, REPLICA_ACK_TIMEOUT_MS_MAX
+        ),
+        "key_prefix": prefix, "redis_cluster": cluster, "redis_appendfsync": fsync,
+    }
+
+
+def _process_from(env: Mapping[str, str]) -> dict[str, Any]:
+    """The process: PostgreSQL, bind address, data dir, logs, embedded servers."""
+    log_level = (env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"FLASHSALE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
+    log_format = env.get("FLASHSALE_LOG_FORMAT") or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"FLASHSALE_LOG_FORMAT must be text or json (got {log_format!r})")
+    access_log = env.get("FLASHSALE_ACCESS_LOG") or "1"
+    if access_log not in ("0", "1"):
+        raise ConfigError(f"FLASHSALE_ACCESS_LOG must be 0 or 1 (got {access_log!r})")
+    return {
+        "database_url": _url(
+            env, "FLASHSALE_DATABASE_URL", ("postgres", "postgresql"), check_port=False
+        ),
+        "host": env.get("FLASHSALE_HOST") or "127.0.0.1",
+        "port": _int(env, "FLASHSALE_PORT", 8080, 0, 65535),
+        "data_dir": Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
+        "log_level": log_level, "log_format": log_format, "access_log": access_log == "1",
+        "embedded_user": env.get("FLASHSALE_EMBEDDED_USER") or None,
+        "embedded_redis_server": _path(env, "FLASHSALE_REDIS_SERVER"),
+        "embedded_pg_bin_dir": _path(env, "FLASHSALE_PG_BIN_DIR"),
+        "embedded_restart_max": _int(env, "FLASHSALE_EMBEDDED_RESTART_MAX", 5, 0, 100),
+        "embedded_restart_window_s": _int(
+            env, "FLASHSALE_EMBEDDED_RESTART_WINDOW_S", 60, 1, 3600
+        ),
+        "consume_metrics_port": _port_or_off(env, "FLASHSALE_CONSUME_METRICS_PORT"),
+        "compensate_metrics_port": _port_or_off(env, "FLASHSALE_COMPENSATE_METRICS_PORT"),
+        "metrics_host": env.get("FLASHSALE_METRICS_HOST") or "127.0.0.1",
+    }
+
+
+def _pipeline_from(env: Mapping[str, str]) -> dict[str, Any]:
+    """The reservation, the consumer, the payment inbox, live sales, the room."""
+    return {
+        "idempotency_ttl_s": _int(env, "FLASHSALE_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
+        "consumer_batch_max": _int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
+        "consumer_concurrency": _int(env, "FLASHSALE_CONSUMER_CONCURRENCY", 4, 1, 32),
+        "reserve_queue_max": _int(env, "FLASHSALE_RESERVE_QUEUE_MAX", 4096, 1, 1_000_000),
+        "reserve_resolve_s": _int(env, "FLASHSALE_RESERVE_RESOLVE_MS", 1000, 100, 60_000) / 1000,
+        "consumer_claim_idle_ms": _int(
+            env, "FLASHSALE_CONSUMER_CLAIM_IDLE_MS", 5_000, 100, 3_600_000
+        ),
+        "consumer_max_deliveries": _int(env, "FLASHSALE_CONSUMER_MAX_DELIVERIES", 5, 1, 100),
+        "payment_inbox_batch_max": _int(
+            env, "FLASHSALE_PAYMENT_INBOX_BATCH_MAX", 100, 1, 10_000
+        ),
+        "payment_inbox_backoff_max_s": _int(
+            env, "FLASHSALE_PAYMENT_INBOX_BACKOFF_MAX_MS", 2000, 100, 600_000
+        ) / 1000,
+        "live_sales_max": _int(env, "FLASHSALE_LIVE_SALES_MAX", 100, 1, 1000),
+        "live_ended_grace_s": _int(env, "FLASHSALE_LIVE_ENDED_GRACE_S", 3600, 0, 30 * 86_400),
+        "room_tickets_max": _int(env, "FLASHSALE_ROOM_TICKETS_MAX", 1_000_000, 1, 100_000_000),
+        "room_admit_interval_ms": _int(env, "FLASHSALE_ROOM_ADMIT_INTERVAL_MS", 100, 10, 1000),
+    }
+
+
+def _front_from(env: Mapping[str, str]) -> dict[str, Any]:
+    """The HTTP front: admission (rate limits, tarpit), connection bounds, admin streams."""
+    return {
+        "rate_user_per_s": _int(env, "FLASHSALE_RATE_USER_PER_S", 10, 0, 1_000_000),
+        "rate_user_burst": _int(env, "FLASHSALE_RATE_USER_BURST", 20, 1, 1_000_000),
+        "rate_global_per_s": _int(env, "FLASHSALE_RATE_GLOBAL_PER_S", 0, 0, 10_000_000),
+        "rate_limited_delay_s": _int(env, "FLASHSALE_RATE_LIMITED_DELAY_MS", 1000, 0, 10_000)
+        / 1000,
+        "http_header_timeout_s": _int(env, "FLASHSALE_HTTP_HEADER_TIMEOUT_S", 10, 1, 300),
+        "http_body_timeout_s": _int(env, "FLASHSALE_HTTP_BODY_TIMEOUT_S", 10, 1, 300),
+        "http_keepalive_idle_s": _int(env, "FLASHSALE_HTTP_KEEPALIVE_IDLE_S", 15, 1, 3600),
+        "http_max_connections": _int(
+            env, "FLASHSALE_HTTP_MAX_CONNECTIONS", 4096, 1, 1_000_000
+        ),
+        "admin_streams_max": _int(env, "FLASHSALE_ADMIN_STREAMS_MAX", 16, 1, 1000),
+        "admin_events_interval_ms": _int(
+            env, "FLASHSALE_ADMIN_EVENTS_INTERVAL_MS", 1000, 100, 1000
+        ),
+    }
 
 def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int) -> int:
     raw = env.get(name)
@@ -213,128 +356,9 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings from ``env`` (default ``os.environ``); raise ConfigError."""
         env = os.environ if env is None else env
-        generated: list[str] = []
-        secrets_: dict[str, str] = {}
-        for var, attr in (
-            ("FLASHSALE_ADMIN_TOKEN", "admin_token"),
-            ("FLASHSALE_JWT_SECRET", "jwt_secret"),
-            ("FLASHSALE_WEBHOOK_SECRET", "webhook_secret"),
-            ("FLASHSALE_PASS_SECRET", "pass_secret"),
-        ):
-            raw = env.get(var)
-            if raw is None or raw == "":
-                secrets_[attr] = secrets.token_urlsafe(32)
-                generated.append(var)
-            else:
-                secrets_[attr] = _valid_secret(var, raw)
-        fsync = env.get("FLASHSALE_REDIS_APPENDFSYNC", "everysec")
-        if fsync not in ("always", "everysec", "no"):
-            raise ConfigError("FLASHSALE_REDIS_APPENDFSYNC must be always, everysec or no")
-        log_level = (env.get("FLASHSALE_LOG_LEVEL") or "INFO").upper()
-        if log_level not in LOG_LEVELS:
-            raise ConfigError(f"FLASHSALE_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
-        log_format = env.get("FLASHSALE_LOG_FORMAT") or "text"
-        if log_format not in ("text", "json"):
-            raise ConfigError(f"FLASHSALE_LOG_FORMAT must be text or json (got {log_format!r})")
-        access_log = env.get("FLASHSALE_ACCESS_LOG") or "1"
-        if access_log not in ("0", "1"):
-            raise ConfigError(f"FLASHSALE_ACCESS_LOG must be 0 or 1 (got {access_log!r})")
-        prefix = env.get("FLASHSALE_KEY_PREFIX", "fs")
-        if not prefix or not all(ch.isalnum() or ch in "_-" for ch in prefix):
-            raise ConfigError("FLASHSALE_KEY_PREFIX must be letters, digits, '_' or '-'")
-        redis_url = _url(env, "FLASHSALE_REDIS_URL", ("redis", "rediss", "unix"))
-        cluster = env.get("FLASHSALE_REDIS_CLUSTER", "") in ("1", "true", "yes")
-        sentinels = _sentinels(env)
-        master = env.get("FLASHSALE_REDIS_SENTINEL_MASTER") or "flashsale"
-        if not _MASTER_NAME_RE.match(master):
-            raise ConfigError(
-                "FLASHSALE_REDIS_SENTINEL_MASTER must be 1-64 letters, digits, '.', '_' or '-'"
-            )
-        if sentinels and redis_url:
-            raise ConfigError(
-                "set FLASHSALE_REDIS_SENTINELS or FLASHSALE_REDIS_URL, not both "
-                "(with Sentinel the primary is found through the sentinels)"
-            )
-        if sentinels and cluster:
-            raise ConfigError(
-                "FLASHSALE_REDIS_SENTINELS and FLASHSALE_REDIS_CLUSTER exclude each other"
-            )
-        # acknowledged means replicated: on by default where the topology has a replica
-        acks = _int(env, "FLASHSALE_REDIS_REPLICA_ACKS", 1 if sentinels else 0, 0, REPLICA_ACKS_MAX)
-        if acks and cluster:
-            raise ConfigError(
-                "FLASHSALE_REDIS_REPLICA_ACKS is not supported with FLASHSALE_REDIS_CLUSTER yet "
-                "(set it to 0)"
-            )
         return cls(
-            redis_url=redis_url,
-            redis_sentinels=sentinels,
-            redis_sentinel_master=master,
-            redis_replica_acks=acks,
-            redis_replica_ack_timeout_ms=_int(
-                env, "FLASHSALE_REDIS_REPLICA_ACK_TIMEOUT_MS", 500, 1, REPLICA_ACK_TIMEOUT_MS_MAX
-            ),
-            database_url=_url(
-                env, "FLASHSALE_DATABASE_URL", ("postgres", "postgresql"), check_port=False
-            ),
-            host=env.get("FLASHSALE_HOST") or "127.0.0.1",
-            port=_int(env, "FLASHSALE_PORT", 8080, 0, 65535),
-            data_dir=Path(env.get("FLASHSALE_DATA_DIR") or ".flashsale"),
-            generated=tuple(generated),
-            key_prefix=prefix,
-            redis_cluster=cluster,
-            redis_appendfsync=fsync,
-            log_level=log_level,
-            embedded_user=env.get("FLASHSALE_EMBEDDED_USER") or None,
-            embedded_redis_server=_path(env, "FLASHSALE_REDIS_SERVER"),
-            embedded_pg_bin_dir=_path(env, "FLASHSALE_PG_BIN_DIR"),
-            embedded_restart_max=_int(env, "FLASHSALE_EMBEDDED_RESTART_MAX", 5, 0, 100),
-            embedded_restart_window_s=_int(
-                env, "FLASHSALE_EMBEDDED_RESTART_WINDOW_S", 60, 1, 3600
-            ),
-            idempotency_ttl_s=_int(env, "FLASHSALE_IDEMPOTENCY_TTL_S", 86_400, 60, 30 * 86_400),
-            consumer_batch_max=_int(env, "FLASHSALE_CONSUMER_BATCH_MAX", 500, 1, 10_000),
-            consumer_concurrency=_int(env, "FLASHSALE_CONSUMER_CONCURRENCY", 4, 1, 32),
-            reserve_queue_max=_int(env, "FLASHSALE_RESERVE_QUEUE_MAX", 4096, 1, 1_000_000),
-            reserve_resolve_s=_int(env, "FLASHSALE_RESERVE_RESOLVE_MS", 1000, 100, 60_000) / 1000,
-            rate_user_per_s=_int(env, "FLASHSALE_RATE_USER_PER_S", 10, 0, 1_000_000),
-            rate_user_burst=_int(env, "FLASHSALE_RATE_USER_BURST", 20, 1, 1_000_000),
-            rate_global_per_s=_int(env, "FLASHSALE_RATE_GLOBAL_PER_S", 0, 0, 10_000_000),
-            rate_limited_delay_s=_int(env, "FLASHSALE_RATE_LIMITED_DELAY_MS", 1000, 0, 10_000)
-            / 1000,
-            consumer_claim_idle_ms=_int(
-                env, "FLASHSALE_CONSUMER_CLAIM_IDLE_MS", 5_000, 100, 3_600_000
-            ),
-            consumer_max_deliveries=_int(env, "FLASHSALE_CONSUMER_MAX_DELIVERIES", 5, 1, 100),
-            payment_inbox_batch_max=_int(
-                env, "FLASHSALE_PAYMENT_INBOX_BATCH_MAX", 100, 1, 10_000
-            ),
-            payment_inbox_backoff_max_s=_int(
-                env, "FLASHSALE_PAYMENT_INBOX_BACKOFF_MAX_MS", 2000, 100, 600_000
-            ) / 1000,
-            http_header_timeout_s=_int(env, "FLASHSALE_HTTP_HEADER_TIMEOUT_S", 10, 1, 300),
-            http_body_timeout_s=_int(env, "FLASHSALE_HTTP_BODY_TIMEOUT_S", 10, 1, 300),
-            http_keepalive_idle_s=_int(env, "FLASHSALE_HTTP_KEEPALIVE_IDLE_S", 15, 1, 3600),
-            http_max_connections=_int(
-                env, "FLASHSALE_HTTP_MAX_CONNECTIONS", 4096, 1, 1_000_000
-            ),
-            log_format=log_format,
-            access_log=access_log == "1",
-            consume_metrics_port=_port_or_off(env, "FLASHSALE_CONSUME_METRICS_PORT"),
-            compensate_metrics_port=_port_or_off(env, "FLASHSALE_COMPENSATE_METRICS_PORT"),
-            metrics_host=env.get("FLASHSALE_METRICS_HOST") or "127.0.0.1",
-            admin_streams_max=_int(env, "FLASHSALE_ADMIN_STREAMS_MAX", 16, 1, 1000),
-            admin_events_interval_ms=_int(
-                env, "FLASHSALE_ADMIN_EVENTS_INTERVAL_MS", 1000, 100, 1000
-            ),
-            live_sales_max=_int(env, "FLASHSALE_LIVE_SALES_MAX", 100, 1, 1000),
-            live_ended_grace_s=_int(env, "FLASHSALE_LIVE_ENDED_GRACE_S", 3600, 0, 30 * 86_400),
-            room_tickets_max=_int(env, "FLASHSALE_ROOM_TICKETS_MAX", 1_000_000, 1, 100_000_000),
-            room_admit_interval_ms=_int(env, "FLASHSALE_ROOM_ADMIT_INTERVAL_MS", 100, 10, 1000),
-            admin_token=secrets_["admin_token"],
-            jwt_secret=secrets_["jwt_secret"],
-            webhook_secret=secrets_["webhook_secret"],
-            pass_secret=secrets_["pass_secret"],
+            **_secrets_from(env), **_redis_from(env), **_process_from(env),
+            **_pipeline_from(env), **_front_from(env),
         )
 
     @property

@@ -12,6 +12,14 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._front(r)
+        self._pipeline(r)
+        self._live(r)
+        self._room_and_processes(r)
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def _front(self, r: CollectorRegistry) -> None:
+        """The HTTP front: reservations by outcome, their latency, responses."""
         self.reservations = Counter(
             "flashsale_reservations", "Reservation requests by outcome", ["outcome"], registry=r
         )
@@ -26,6 +34,9 @@ class Metrics:
             "flashsale_stream_lag_entries", "Accepted orders not yet persisted (all sales)",
             registry=r,
         )
+
+    def _pipeline(self, r: CollectorRegistry) -> None:
+        """The consumer, the releases and the payment inbox."""
         self.orders_persisted = Counter(
             "flashsale_orders_persisted", "Orders persisted by the consumer", registry=r
         )
@@ -56,6 +67,9 @@ class Metrics:
             "flashsale_payment_inbox_oldest_age_seconds",
             "Age of the oldest gateway event waiting in the payment inbox (0: none)", registry=r,
         )
+
+    def _live(self, r: CollectorRegistry) -> None:
+        """Live sales' figures, set at scrape time."""
         # set at scrape time by flashsale/ops/observe.py (front) and flashsale/ops/worker_http.py
         self.sale_units = Gauge(
             "flashsale_sale_units", "A live sale's ledger figure (units of stock)",
@@ -82,6 +96,9 @@ class Metrics:
             "flashsale_ledger_inconsistent_sales", "Live sales whose ledger is inconsistent",
             registry=r,
         )
+
+    def _room_and_processes(self, r: CollectorRegistry) -> None:
+        """The waiting rooms, the backends and the worker processes (scrape time)."""
         self.room_tickets = Gauge(
             "flashsale_room_tickets",
             "A live sale's waiting room: waiting, admitted (outstanding passes), admitted_total, "
@@ -114,7 +131,6 @@ class Metrics:
             registry=r,
         )
 
-        self._children: dict[tuple[str, str], Any] = {}
 
     def _child(self, metric: Counter, label: str) -> Any:
         """labels() does a lookup under a lock on every call; bind children once."""

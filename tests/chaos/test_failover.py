@@ -55,7 +55,8 @@ from redis.exceptions import RedisError
 
 from flashsale.config import Settings
 from flashsale.core.backends import open_backends
-from flashsale.run.embedded.sentinel import LOOPBACK, SentinelTopology, command, info
+from flashsale.run.embedded.nodes import LOOPBACK, command, info
+from flashsale.run.embedded.sentinel import SentinelTopology
 from flashsale.run.embedded.servers import free_port
 from tests.chaos.conftest import Figures
 from tests.chaos.faultkit import wait_http

@@ -23,7 +23,8 @@ import pytest
 from flashsale.config import ConfigError, Settings
 from flashsale.core import release
 from flashsale.core.outcomes import RELEASE_ACTOR, UNREPLICATED_DETAIL
-from flashsale.run.embedded.sentinel import SentinelTopology, command, info
+from flashsale.run.embedded.nodes import command, info
+from flashsale.run.embedded.sentinel import SentinelTopology
 from tests.chaos.faults import TcpProxy
 from tests.chaos.history import History, HttpReader, Outcome
 from tests.sentinel_support import sentinel_settings, sentinel_topology

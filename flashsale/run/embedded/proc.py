@@ -48,7 +48,7 @@ _LIBC: ctypes.CDLL | None = (
 )
 
 
-def _death_pact(parent_pid: int) -> Callable[[], None]:
+def death_pact(parent_pid: int) -> Callable[[], None]:
     """preexec_fn: SIGKILL this child when the parent dies (runs after setuid)."""
 
     def preexec() -> None:
@@ -115,7 +115,7 @@ def popen(
     ids: dict[str, Any] = {}
     if who is not None:
         ids = {"user": who.uid, "group": who.gid, "extra_groups": []}
-    preexec = _death_pact(os.getpid())
+    preexec = death_pact(os.getpid())
 
     def spawn() -> subprocess.Popen[bytes]:
         return subprocess.Popen(

@@ -54,20 +54,16 @@ from flashsale.run.embedded.binaries import (
     find_postgres_binaries,
     find_redis_server,
 )
+from flashsale.run.embedded.launch import Launcher
 from flashsale.run.embedded.proc import (
-    ADDR_IN_USE,
-    LOOPBACK,
     Child,
     EmbeddedError,
-    ServerExited,
     free_port,
-    open_log,
-    popen,
     stop_children,
 )
 from flashsale.run.embedded.redis_server import RedisSpec
 from flashsale.run.embedded.redis_server import wait_ready as wait_redis
-from flashsale.run.embedded.supervisor import RestartBudget, RestartPolicy, Slot, Supervisor
+from flashsale.run.embedded.supervisor import RestartPolicy, Slot, Supervisor
 from flashsale.run.embedded.users import RunAs, check_reachable, choose_run_as, private_dir
 
 if TYPE_CHECKING:
@@ -85,19 +81,6 @@ __all__ = [
 
 _APPENDFSYNC = ("always", "everysec", "no")
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_PORT_ATTEMPTS = 5
-
-
-class _Exited(Exception):
-    """The child exited before it was ready (its log's tail says why)."""
-
-    def __init__(self, child: Child) -> None:
-        super().__init__(child.name)
-        self.child = child
-
-    @property
-    def port_taken(self) -> bool:
-        return ADDR_IN_USE in self.child.tail().lower()
 
 
 class EmbeddedServers:
@@ -327,33 +310,6 @@ class EmbeddedServers:
 
     # -- one server: a free port at first, the same port on a restart -------------
 
-    def _launch_on(
-        self,
-        name: str,
-        port: int,
-        argv_for: Callable[[int], list[str]],
-        wait: Callable[[Child, threading.Event | None], None],
-        stop_signal: signal.Signals,
-        abort: threading.Event | None,
-    ) -> Child:
-        """One start of the server on ``port``, ready when it returns.
-
-        Raises _Exited if it exited before it was ready.
-        """
-        log_path = self.data_dir / f"{name}.log"
-        log, start = open_log(log_path, f"starting {name} on {LOOPBACK}:{port}")
-        proc = popen(argv_for(port), log=log, cwd=self.data_dir, who=self._run_as)
-        child = Child(name, proc, port, log, log_path, start, stop_signal)
-        try:
-            wait(child, abort)
-        except ServerExited:
-            child.reap(0)
-            raise _Exited(child) from None
-        except BaseException:
-            stop_children([child], self.stop_timeout_s)
-            raise
-        return child
-
     def _launch(
         self,
         name: str,
@@ -362,35 +318,9 @@ class EmbeddedServers:
         stop_signal: signal.Signals,
         before: Callable[[], object],
     ) -> None:
-        """The first start, on a free port (retried if another process took it),
-        then supervised: a restart reuses that port (see _relaunch)."""
-        child: Child | None = None
-        for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = free_port()
-            before()
-            try:
-                child = self._launch_on(name, port, argv_for, wait, stop_signal, None)
-                break
-            except _Exited as exc:
-                if not exc.port_taken or attempt == _PORT_ATTEMPTS:
-                    code = exc.child.proc.returncode
-                    raise exc.child.failure(f"exited with status {code}") from None
-        assert child is not None
-
-        def relaunch(port: int, abort: threading.Event) -> Child:
-            before()
-            try:
-                return self._launch_on(name, port, argv_for, wait, stop_signal, abort)
-            except _Exited as exc:
-                if exc.port_taken:
-                    raise EmbeddedError(
-                        f"port {port} is taken by another process (the application's "
-                        "connection pools keep this port)"
-                    ) from None
-                code, last = exc.child.proc.returncode, exc.child.last_log_line()
-                raise EmbeddedError(f"exited with status {code}: {last}") from None
-
-        self._slots[name] = Slot(name, child, relaunch, RestartBudget(self.restart))
+        """Started on a free port, then supervised on that port (launch.py)."""
+        launcher = Launcher(self.data_dir, self._run_as, self.stop_timeout_s, self.restart)
+        self._slots[name] = launcher.slot(name, argv_for, wait, stop_signal, before)
 
     # -- redis ----------------------------------------------------------------
 
