@@ -37,12 +37,14 @@ def _populate_sql(sales: int, orders: int) -> list[str]:
     return [
         f"""
         INSERT INTO sales (sale_id, sku, name, price_cents, stock, sold, per_user_limit,
-                           starts_at, ends_at, hold_seconds, created_at)
+                           starts_at, ends_at, hold_seconds, created_at, drained_at)
         SELECT 'sl_h' || lpad(g::text, 11, '0'), 'HIST-' || g, 'ended sale ' || g, 1999,
                {per_sale}, {per_sale}, 1,
-               now() - interval '400 days' + g * interval '1 hour',
-               now() - interval '400 days' + g * interval '1 hour' + interval '10 minutes', 600,
-               now() - interval '400 days' + g * interval '1 hour'
+               now() - interval '400 days' + g * interval '1 minute',
+               now() - interval '400 days' + g * interval '1 minute' + interval '10 minutes', 600,
+               now() - interval '400 days' + g * interval '1 minute',
+               -- ended and drained long ago, as the live-sales index leaves them
+               now() - interval '400 days' + g * interval '1 minute' + interval '2 hours'
         FROM generate_series(1, {sales}) AS g
         """,
         f"""
@@ -55,7 +57,7 @@ def _populate_sql(sales: int, orders: int) -> list[str]:
                CASE WHEN g % 3 = 0 THEN 'shp_h' || g END,
                CASE WHEN g % 3 = 0 THEN 'TRK' || g END
         FROM (SELECT g, 'sl_h' || lpad((g % {sales} + 1)::text, 11, '0') AS s,
-                     now() - interval '400 days' + (g % {sales} + 1) * interval '1 hour' AS t
+                     now() - interval '400 days' + (g % {sales} + 1) * interval '1 minute' AS t
               FROM generate_series(0, {per_sale * sales - 1}) AS g) AS x
         """,
         "ANALYZE",
