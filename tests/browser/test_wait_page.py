@@ -88,10 +88,13 @@ async def test_wait_page_shows_the_place_and_reserves_with_the_pass(live_api: Ap
         seen: list[tuple[int, int, int]] = []
         t0 = time.monotonic()
         while time.monotonic() - t0 < 15:
-            pos = await in_thread(lambda: attr(driver, "#position", "data-position"))
-            low = await in_thread(lambda: attr(driver, "#eta", "data-low"))
-            high = await in_thread(lambda: attr(driver, "#eta", "data-high"))
-            if pos and low and int(pos) < 30:
+            # the three read in one script: one render of the page, never a mix of two
+            pos, low, high = await in_thread(lambda: driver.execute_script(
+                "const p = document.querySelector('#position'),"
+                " e = document.querySelector('#eta');"
+                " return [p.dataset.position || '', e.dataset.low || '', e.dataset.high || ''];"
+            ))
+            if pos and low and high and int(pos) < 30:
                 seen.append((int(pos), int(low), int(high)))
                 if len(seen) == 1:
                     SCREENSHOT.parent.mkdir(exist_ok=True)
