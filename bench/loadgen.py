@@ -29,8 +29,23 @@ WRK_SCRIPT = Path(__file__).resolve().parent / "wrk" / "reserve.lua"
 MARKER = "BENCH_JSON "
 
 
+class _Figures:
+    """What both generators' results answer: the generator's cores, a status count."""
+
+    duration_s: float
+    status: dict[str, int]
+    loadgen_cpu_s: float
+
+    @property
+    def loadgen_cores(self) -> float:
+        return self.loadgen_cpu_s / self.duration_s if self.duration_s else 0.0
+
+    def count(self, status: int) -> int:
+        return self.status.get(str(status), 0)
+
+
 @dataclass
-class LoadResult:
+class LoadResult(_Figures):
     tool: str
     requests: int
     duration_s: float
@@ -44,13 +59,6 @@ class LoadResult:
     socket_errors: int
     loadgen_cpu_s: float
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def loadgen_cores(self) -> float:
-        return self.loadgen_cpu_s / self.duration_s if self.duration_s else 0.0
-
-    def count(self, status: int) -> int:
-        return self.status.get(str(status), 0)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -195,7 +203,7 @@ def build_openloop() -> Path:
 
 
 @dataclass
-class OpenLoopResult:
+class OpenLoopResult(_Figures):
     """One constant-rate run: latencies from each request's due time, in ms."""
 
     offered: float
@@ -212,13 +220,6 @@ class OpenLoopResult:
     status: dict[str, int]
     errors: dict[str, int]
     loadgen_cpu_s: float
-
-    @property
-    def loadgen_cores(self) -> float:
-        return self.loadgen_cpu_s / self.duration_s if self.duration_s else 0.0
-
-    def count(self, status: int) -> int:
-        return self.status.get(str(status), 0)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

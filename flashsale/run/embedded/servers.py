@@ -310,17 +310,9 @@ class EmbeddedServers:
 
     # -- one server: a free port at first, the same port on a restart -------------
 
-    def _launch(
-        self,
-        name: str,
-        argv_for: Callable[[int], list[str]],
-        wait: Callable[[Child, threading.Event | None], None],
-        stop_signal: signal.Signals,
-        before: Callable[[], object],
-    ) -> None:
-        """Started on a free port, then supervised on that port (launch.py)."""
-        launcher = Launcher(self.data_dir, self._run_as, self.stop_timeout_s, self.restart)
-        self._slots[name] = launcher.slot(name, argv_for, wait, stop_signal, before)
+    def _launcher(self) -> Launcher:
+        """Starts a server on a free port, then supervised on that port (launch.py)."""
+        return Launcher(self.data_dir, self._run_as, self.stop_timeout_s, self.restart)
 
     # -- redis ----------------------------------------------------------------
 
@@ -335,7 +327,7 @@ class EmbeddedServers:
         def wait(child: Child, abort: threading.Event | None) -> None:
             wait_redis(child, spec.password, self.start_timeout_s, abort)
 
-        self._launch(
+        self._slots["redis"] = self._launcher().slot(
             "redis", spec.argv, wait, signal.SIGTERM, lambda: spec.write_conf(self._run_as)
         )
         port = self._slots["redis"].child.port
@@ -361,7 +353,7 @@ class EmbeddedServers:
             pg.wait_ready(child, spec, self._run_as, self.start_timeout_s, abort)
 
         # SIGINT is PostgreSQL's "fast" shutdown: disconnect clients, checkpoint, exit.
-        self._launch(
+        self._slots["postgres"] = self._launcher().slot(
             "postgres", spec.argv, wait, signal.SIGINT,
             lambda: pg.clear_stale_postmaster_pid(pgdata),
         )  # fmt: skip
