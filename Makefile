@@ -17,7 +17,9 @@ help:
 	@echo "make sentinel   a Redis primary, a replica and 3 sentinels on loopback; prints the env to use"
 	@echo "make lint | typecheck | chaos | bench | soak | loadtest | clean"
 
-# The venv is (re)installed only when pyproject.toml is newer than a stamp:
+# The venv is (re)installed only when pyproject.toml or constraints.txt (the
+# versions CI last passed with; regenerate with `pip freeze --exclude-editable`)
+# is newer than a stamp:
 # `make run` needs the package alone (a fresh clone is serving sooner), `make
 # test` the dev extras too.
 venv: $(STAMP)
@@ -28,12 +30,12 @@ $(BIN)/python:
 		echo "could not create $(VENV) with $(PY) (Debian: apt-get install python3-venv)" >&2; \
 		exit 1; }
 
-$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+$(RUNTIME_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
 	@touch $@
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@ $(RUNTIME_STAMP)
 
 # Server binaries for the embedded Redis/PostgreSQL; skipped for a server whose
@@ -75,7 +77,7 @@ $(OPENLOOP): bench/openloop/openloop.c
 	$${CC:-gcc} -O2 -Wall -Wextra -o $@ $<
 
 bench: venv servers $(OPENLOOP)
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	bash bench/ensure-wrk.sh
 	$(BIN)/python -m bench.run
 

@@ -34,7 +34,7 @@ class HiredisPackConnection(Connection):
     packing was most of the client's CPU per reservation batch and per
     drained row."""
 
-    _serializer = HiredisRespSerializer()
+    _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
@@ -96,7 +96,7 @@ class HiredisPackSentinelConnection(SentinelManagedConnection):
     every connect, so a failover is followed by the next reconnect) that packs
     commands like HiredisPackConnection."""
 
-    _serializer = HiredisRespSerializer()
+    _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
@@ -184,7 +184,7 @@ def sentinel_client(settings: Settings, guard: RestartGuard | None = None) -> Re
     standalone client. No client retry, as standalone (see STANDALONE_RETRIES):
     a broken reservation is resolved by reserve.py, never re-sent blind."""
     timeout = settings.redis_timeout_s
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+    sentinel = Sentinel(
         list(settings.redis_sentinels),
         min_other_sentinels=1 if len(settings.redis_sentinels) > 1 else 0,
         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
