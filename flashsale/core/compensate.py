@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 from flashsale.commerce import payment
 from flashsale.core import live_sales, record, release, sales
 from flashsale.core.backends import Backends, as_text
+from flashsale.ops import logs
 from flashsale.ops.metrics import Metrics
 
 log = logging.getLogger("flashsale.core.compensate")
@@ -71,7 +73,9 @@ class Compensator:
         rows = await release.expire_due(
             self._b.pg, self._b.settings.compensator_batch_max, self.name
         )
-        await release.in_redis(self._b, [(r.order_id, r.sale_id) for r in rows])
+        done = [(r.order_id, r.sale_id) for r in rows]
+        await release.in_redis(self._b, done)
+        _expired(done, "")
         if rows:
             self._m.releases.labels("expired").inc(len(rows))
         return len(rows)
@@ -113,6 +117,7 @@ class Compensator:
             )
             done += [(o.order_id, o.sale_id) for o in due if o.order_id in inserted]
         await release.in_redis(b, done)
+        _expired(done, " before it was persisted")
         if done:
             self._m.releases.labels("expired").inc(len(done))
         return len(done)
@@ -138,3 +143,12 @@ class Compensator:
             )
         return len(rows)
 
+
+
+def _expired(orders: list[tuple[str, str]], how: str) -> None:
+    """One line per sale (with its id; with the order's when there is one)."""
+    per_sale: Counter[str] = Counter(sale_id for _order_id, sale_id in orders)
+    one = {sale_id: order_id for order_id, sale_id in orders}
+    for sale_id, n in per_sale.items():
+        with logs.context(sale=sale_id, order=one[sale_id] if n == 1 else None):
+            log.info("sale %s: %d unpaid hold(s) expired%s, stock returned", sale_id, n, how)

@@ -16,6 +16,7 @@ from flashsale.core import record, release
 from flashsale.core.backends import Backends
 from flashsale.core.deduct import refused
 from flashsale.core.record import Order
+from flashsale.ops import logs
 from flashsale.ops.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -76,5 +77,6 @@ async def dead_letter(
         ],
     )
     if int(moved):
-        log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
+        with logs.context(sale=sale_id, order=order_id):
+            log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
         m.dead_lettered.inc()

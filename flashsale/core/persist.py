@@ -32,6 +32,7 @@ from flashsale.core import dead_letters, events, live_sales, record, release
 from flashsale.core.backends import Backends, as_text
 from flashsale.core.deduct import persist_batch, refused, transient
 from flashsale.core.record import Order
+from flashsale.ops import logs
 from flashsale.ops.metrics import Metrics
 
 log = logging.getLogger("flashsale.core.persist")
@@ -161,12 +162,13 @@ class Persister:
             results = await pipe.execute(raise_on_error=False)
         for key, res in zip(keys, results, strict=True):
             if not isinstance(res, Exception):
-                log.warning(
-                    "sale %s: stream %s had lost consumer group %r (its key was deleted or "
-                    "evicted, then recreated); group recreated at id 0. Entries the lost key "
-                    "held, if any, are for `reconcile` to find",
-                    self._streams.get(key, "?"), key, group,
-                )
+                with logs.context(sale=self._streams.get(key)):
+                    log.warning(
+                        "sale %s: stream %s had lost consumer group %r (its key was deleted "
+                        "or evicted, then recreated); group recreated at id 0. Entries the "
+                        "lost key held, if any, are for `reconcile` to find",
+                        self._streams.get(key, "?"), key, group,
+                    )
                 self._m.consumer_group_recreated.inc()
             elif "BUSYGROUP" in str(res):
                 continue
@@ -373,15 +375,12 @@ class Persister:
         self._m.orders_persisted.inc(len(entries) - len(failed))
         await events.publish_accepted(self._b, entries, failed)  # best effort, never raises
         if failed:
-            await release.in_redis(self._b, [(e.order_id, e.sale_id) for e in failed])
+            await release.failed(self._b, failed)
             self._m.orders_failed.inc(len(failed))
 
     async def _known_sales(self, sale_ids: set[str]) -> set[str]:
-        rows = await self._b.pg.fetch(
-            "SELECT sale_id FROM sales WHERE sale_id = ANY($1::text[])", list(sale_ids)
-        )
-        return {r["sale_id"] for r in rows}
-
+        sql = "SELECT sale_id FROM sales WHERE sale_id = ANY($1::text[])"
+        return {r["sale_id"] for r in await self._b.pg.fetch(sql, list(sale_ids))}
 
 
 async def run_consumers(backends: Backends, metrics: Metrics, stop: asyncio.Event) -> None:

@@ -36,6 +36,7 @@ from flashsale.core import events, record
 from flashsale.core.backends import Backends, Conn
 from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASABLE
+from flashsale.ops import logs
 
 log = logging.getLogger("flashsale.core.release")
 
@@ -173,6 +174,15 @@ async def in_redis(b: Backends, orders: Iterable[tuple[str, str]]) -> dict[str, 
     return out
 
 
+async def failed(b: Backends, orders: Sequence[Order]) -> None:
+    """Step 2 for orders the consumer recorded failed (their final deduction
+    refused, or a duplicate idempotency key), each logged with its ids."""
+    for o in orders:
+        with logs.context(sale=o.sale_id, order=o.order_id):
+            log.warning("order %s failed when persisted; its hold is released", o.order_id)
+    await in_redis(b, [(o.order_id, o.sale_id) for o in orders])
+
+
 async def finish(b: Backends, released: Sequence[Released]) -> None:
     """Step 2 on behalf of a request, after step 1 committed: a failure is
     logged and left to the outbox sweep, never raised into the answer."""
@@ -181,8 +191,11 @@ async def finish(b: Backends, released: Sequence[Released]) -> None:
     try:
         await in_redis(b, [(r.order_id, r.sale_id) for r in released])
     except (RedisError, OSError, asyncpg.PostgresError) as exc:
-        log.warning("release of %s left to the outbox: %r",
-                    ", ".join(r.order_id for r in released[:5]), exc)
+        one = len(released) == 1
+        with logs.context(sale=released[0].sale_id if one else None,
+                          order=released[0].order_id if one else None):
+            log.warning("release of %s left to the outbox: %r",
+                        ", ".join(r.order_id for r in released[:5]), exc)
 
 
 async def sweep_outbox(b: Backends, limit: int) -> int:

@@ -1,17 +1,21 @@
 """Logging: plain text or one JSON object per line, with the request's context.
 
 The request id, sale id and order id of the work at hand live in contextvars
-(set by the request middleware, flashsale/web/request_id.py, or by any loop
-that works on one sale or order) and go into every record logged meanwhile:
+(set by the request middleware, flashsale/web/request_id.py, from the path;
+the order id by the reservation handler once its order is made; by a worker
+around a line about one sale or order, ``with logs.context(...)``) and go
+into every record logged meanwhile:
 ``FLASHSALE_LOG_FORMAT=json`` gives ``{"time", "level", "logger", "message",
 "request_id"?, "sale_id"?, "order_id"?, "exc"?}`` per line, searchable by id.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +31,18 @@ order_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "flashsale_order_id", default=None
 )
 CONTEXT = (("request_id", request_id), ("sale_id", sale_id), ("order_id", order_id))
+
+
+@contextlib.contextmanager
+def context(*, sale: str | None = None, order: str | None = None) -> Iterator[None]:
+    """The sale and order at hand (those given) for what is logged inside."""
+    tokens = [(var, var.set(value)) for var, value in ((sale_id, sale), (order_id, order))
+              if value]
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
 
 
 class ContextFilter(logging.Filter):

@@ -2,8 +2,9 @@
 
 Every request gets an id: the client's ``X-Request-Id`` when it is sane
 (1-128 characters of ``[A-Za-z0-9._-]``), else a new one. It is put in the
-logging context (with the sale and order id of the path, when there is one)
-for everything logged while the request runs, and on every response, streams
+logging context (with the sale and order id of the path, when there is one;
+a reservation's handler adds the order it made) for everything logged while
+the request runs, the access line included, and on every response, streams
 included, as ``X-Request-Id`` (an ``on_response_prepare`` hook, so error
 bodies and Server-Sent Events carry it too). One access log line per request
 on the ``flashsale.access`` logger (INFO) unless FLASHSALE_ACCESS_LOG=0.

@@ -15,6 +15,7 @@ from flashsale.commerce import orders
 from flashsale.core import ledger, sales
 from flashsale.core.outcomes import Refused
 from flashsale.core.scripts import RESERVE_ERRORS
+from flashsale.ops import logs
 from flashsale.room import passes
 from flashsale.schemas.bodies import OrderCreate, Restock, SaleCreate
 from flashsale.schemas.decode import BodyReader
@@ -121,6 +122,8 @@ async def create_order(request: web.Request) -> web.Response:
             outcome = result.error.code
             return refusal_response(result.error)
         outcome = "replay" if result.replay else "accepted"
+        logs.order_id.set(result.order_id)  # the access line names the order made (the
+        # request middleware resets it)
         return json_response(result.body(), 202)
     except errors.FlashsaleError as exc:
         outcome = exc.code

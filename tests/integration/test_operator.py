@@ -4,10 +4,13 @@ admin event stream, request ids, JSON logs (issue 15)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -16,6 +19,8 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout
 
 from flashsale.config import Settings
+from flashsale.core.outcomes import Accepted
+from flashsale.core.reserve import Reserver
 from flashsale.ops import logs
 from flashsale.web.request_id import HEADER
 from tests.support import Api, running_app
@@ -140,8 +145,6 @@ async def test_admin_events_stream_live_figures(api: Api, settings: Settings) ->
 
 
 async def test_admin_event_streams_are_bounded(settings: Settings) -> None:
-    from dataclasses import replace
-
     async with running_app(replace(settings, admin_streams_max=1)) as api:
         async with api.session.get(
             api.base + "/api/v1/admin/events", headers=api.admin
@@ -212,13 +215,50 @@ async def test_json_logs_carry_request_and_sale_ids(api: Api) -> None:
     assert lines[0]["sale_id"] == sale["sale_id"] and "order_id" not in lines[0]
     assert lines[0]["status"] == 200 and lines[0]["method"] == "GET"
     assert lines[1]["sale_id"] == sale["sale_id"]
+    assert lines[1]["order_id"] == order["order_id"]  # the reservation names the order it made
     assert lines[2]["request_id"] == "req-json-2"
     assert lines[2]["order_id"] == order["order_id"]
 
 
-async def test_access_log_can_be_switched_off(settings: Settings) -> None:
-    from dataclasses import replace
+@contextlib.contextmanager
+def json_lines(logger_name: str) -> Iterator[io.StringIO]:
+    """What ``logger_name`` logs meanwhile, as FLASHSALE_LOG_FORMAT=json writes it."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logs.JsonFormatter())
+    handler.addFilter(logs.ContextFilter())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield buf
+    finally:
+        logger.removeHandler(handler)
 
+
+async def test_json_log_of_a_dead_lettered_entry_names_its_sale_and_order(
+    settings: Settings,
+) -> None:
+    """An order PostgreSQL refuses (a buyer id past its CHECK) is dead-lettered
+    by the consumer; its log line carries the sale and the order as fields."""
+    async with running_app(replace(settings, consumer_max_deliveries=1)) as api:
+        sid = (await api.create_sale(stock=5))["sale_id"]
+        reserver = Reserver(api.backends)
+        try:
+            poison = await reserver.reserve(sid, "p" * 65, 1, "poison")
+        finally:
+            await reserver.close()
+        assert isinstance(poison, Accepted), poison
+        with json_lines("flashsale.core.dead_letters") as buf:
+            await api.drain(sid)
+    lines = [orjson.loads(line) for line in buf.getvalue().splitlines()]
+    dead = [line for line in lines if line["message"].startswith("dead-lettered")]
+    assert len(dead) == 1, buf.getvalue()
+    assert dead[0]["level"] == "ERROR"
+    assert dead[0]["sale_id"] == sid and dead[0]["order_id"] == poison.order_id, dead[0]
+    print(f"\ndead-letter line: {buf.getvalue().strip()}")
+
+
+async def test_access_log_can_be_switched_off(settings: Settings) -> None:
     buf = io.StringIO()
     handler = logging.StreamHandler(buf)
     access = logging.getLogger("flashsale.access")
