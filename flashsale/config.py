@@ -345,7 +345,7 @@ class Settings:
     metrics_host: str = "127.0.0.1"
     admin_streams_max: int = 16  # concurrent GET /api/v1/admin/events streams per process
     admin_events_interval_ms: int = 1000
-    live_sales_max: int = 100  # sales shown, exported with a sale_id label, reconciled --all
+    live_sales_max: int = 100  # sales shown and exported with a sale_id label
     # an ended sale stays live at least this long, then until it is drained (core/live_sales.py)
     live_ended_grace_s: int = 3600
     # waiting room (flashsale/room/): tickets per sale, the admitter's step

@@ -31,6 +31,9 @@ sale_not_active, and its body's ``available`` falls back to PostgreSQL's
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from datetime import datetime
+
 import asyncpg
 
 from flashsale.core.backends import Backends
@@ -69,6 +72,17 @@ RETURNING s.sale_id
 """
 
 
+_PAGE_FIRST = f"""
+SELECT sale_id, created_at FROM sales WHERE {_LIVE}
+ORDER BY created_at DESC, sale_id LIMIT $1
+"""
+_PAGE_AFTER = f"""
+SELECT sale_id, created_at FROM sales
+WHERE {_LIVE} AND (created_at < $2 OR (created_at = $2 AND sale_id > $3))
+ORDER BY created_at DESC, sale_id LIMIT $1
+"""
+
+
 async def ids(b: Backends) -> list[str]:
     """Every live sale's id, newest first."""
     return [
@@ -77,6 +91,28 @@ async def ids(b: Backends) -> list[str]:
             f"SELECT sale_id FROM sales WHERE {_LIVE} ORDER BY created_at DESC, sale_id"
         )
     ]
+
+
+async def count(b: Backends) -> int:
+    """How many sales are live."""
+    return int(await b.pg.fetchval(f"SELECT count(*) FROM sales WHERE {_LIVE}"))
+
+
+async def pages(b: Backends, size: int) -> AsyncIterator[list[str]]:
+    """Every live sale's id, newest first, at most ``size`` at a time (keyset
+    paging on the index's order, so each page is one bounded statement and a
+    sale created meanwhile never shifts the pages)."""
+    after: tuple[datetime, str] | None = None
+    while True:
+        if after is None:
+            got = await b.pg.fetch(_PAGE_FIRST, size)
+        else:
+            got = await b.pg.fetch(_PAGE_AFTER, size, *after)
+        if got:
+            yield [r["sale_id"] for r in got]
+            after = (got[-1]["created_at"], got[-1]["sale_id"])
+        if len(got) < size:
+            return
 
 
 async def rows(b: Backends, limit: int | None = None) -> list[asyncpg.Record]:

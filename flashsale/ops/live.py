@@ -1,5 +1,5 @@
-"""The live sales and their figures: what the dashboard, `flashsale status`,
-`reconcile --all` and the scrape-time gauges show.
+"""The live sales and their figures: what the dashboard, `flashsale status`
+and the scrape-time gauges show.
 
 The sales shown are the newest ``live_sales_max`` of the index of live sales
 (flashsale/core/live_sales.py: created, not yet ended and drained): every

@@ -1,5 +1,6 @@
-"""`flashsale status` (the dashboard's numbers in a terminal) and
-`flashsale reconcile --all` (every live sale's ledger, with a progress bar)."""
+"""`flashsale status` (the dashboard's numbers in a terminal: the newest
+``live_sales_max`` live sales) and `flashsale reconcile --all` (every live
+sale's ledger, the whole index paged through, with a progress bar)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from typing import Any, TextIO
 
 from flashsale import errors
-from flashsale.core import ledger
+from flashsale.core import ledger, live_sales
 from flashsale.core.backends import Backends
 from flashsale.ops import live
 
@@ -21,6 +22,7 @@ COLUMNS = (
 WATCH_INTERVAL_MIN_S = 0.2
 WATCH_INTERVAL_MAX_S = 60.0
 BAR_WIDTH = 30
+RECONCILE_PAGE = 200  # live sales read per statement by reconcile --all
 
 
 def table(snap: dict[str, Any]) -> str:
@@ -79,23 +81,30 @@ def _bar(done: int, total: int, bad: int) -> str:
             f"  inconsistent: {bad}")
 
 
-async def reconcile_all(b: Backends, out: TextIO, progress: TextIO = sys.stderr) -> int:
-    """Check every live sale's ledger; print the inconsistent ones; 1 if any."""
-    rows = await live.shown_rows(b)
+async def reconcile_all(
+    b: Backends, out: TextIO, progress: TextIO = sys.stderr, page_size: int = RECONCILE_PAGE,
+) -> int:
+    """Check every live sale's ledger (the whole index of live sales, read a
+    page of ``page_size`` at a time); print the inconsistent ones; 1 if any."""
+    total = await live_sales.count(b)
+    done = 0
     bad: list[tuple[str, dict[str, Any]]] = []
-    for n, row in enumerate(rows, 1):
-        try:
-            figs = await ledger.ledger(b, row["sale_id"])
-        except errors.FlashsaleError:  # gone meanwhile
-            continue
-        if not figs["consistent"]:
-            bad.append((row["sale_id"], figs))
-        progress.write(_bar(n, len(rows), len(bad)))
-        progress.flush()
-    progress.write(_bar(len(rows), len(rows), len(bad)) + "\n")
+    async for page in live_sales.pages(b, page_size):
+        for sale_id in page:
+            done += 1
+            total = max(total, done)  # sales created meanwhile
+            try:
+                figs = await ledger.ledger(b, sale_id)
+            except errors.FlashsaleError:  # gone meanwhile
+                continue
+            if not figs["consistent"]:
+                bad.append((sale_id, figs))
+            progress.write(_bar(done, total, len(bad)))
+            progress.flush()
+    progress.write(_bar(done, done, len(bad)) + "\n")
     for sale_id, figs in bad:
         shown = " ".join(f"{k}={figs[k]}" for k in live.FIGURES)
         out.write(f"INCONSISTENT {sale_id}: {shown} sold={figs['sold']} "
                   f"in_redis={figs['in_redis']}\n")
-    out.write(f"{len(rows)} live sale(s) checked, {len(bad)} inconsistent\n")
+    out.write(f"{done} live sale(s) checked, {len(bad)} inconsistent\n")
     return 1 if bad else 0

@@ -5,6 +5,7 @@ names the alert rules and the Grafana dashboard use (issue 15), with real
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import shutil
@@ -13,13 +14,15 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 
 from flashsale.config import ConfigError, Settings
+from flashsale.core import live_sales
+from flashsale.ops import status
 from tests.integration.test_cli import clean_env, flashsale_cmd, run_cli
 from tests.support import Api, eventually, fresh_database, running_app, test_settings
 
@@ -242,3 +245,25 @@ async def _status_and_reconcile_all(api: Api, env: dict[str, str]) -> None:
         stdout, _ = await asyncio.to_thread(watch.communicate, timeout=15)
     assert watch.returncode == 0
     assert stdout.decode().count("workers:") >= 3  # redrawn
+
+
+async def test_reconcile_all_pages_through_every_live_sale(own_db: Settings) -> None:
+    """More live sales than the dashboard shows (live_sales_max) and than a
+    page holds: every one is checked, the oldest included."""
+    shown_max, page, n = 2, 3, 8
+    async with running_app(replace(own_db, live_sales_max=shown_max)) as api:
+        made = [(await api.create_sale(stock=4))["sale_id"] for _ in range(n)]
+        oldest = made[0]
+        b = api.backends
+        await b.redis.hincrby(b.keys(oldest).sale, "available", 1)  # its ledger disagrees
+        out, bar = io.StringIO(), io.StringIO()
+        code = await status.reconcile_all(b, out, bar, page_size=page)
+        print(f"\n{out.getvalue().strip()}")
+        assert code == 1, out.getvalue()
+        assert f"{n} live sale(s) checked, 1 inconsistent" in out.getvalue()
+        assert f"INCONSISTENT {oldest}" in out.getvalue()
+        assert f"{n}/{n} sales" in bar.getvalue()
+        pages = [p async for p in live_sales.pages(b, page)]
+    assert [len(p) for p in pages] == [3, 3, 2]
+    assert sorted(s for p in pages for s in p) == sorted(made)  # each once
+    assert pages[0][0] == made[-1]  # newest first
