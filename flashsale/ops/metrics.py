@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+import bisect
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TALLY_SALES_MAX = 1000  # sales tallied between two stats flushes (FLASHSALE_LIVE_SALES_MAX's cap)
+
+
+class SaleTally:
+    """Reservations per sale since the last stats flush (flashsale/ops/stats.py),
+    for the dashboard's per-sale charts: ``o:<outcome>`` counts and ``b:<i>``
+    latency counts per bucket (not cumulative; ``i`` indexes LATENCY_BUCKETS_S,
+    one past its end for slower). Not a Prometheus metric (there the sale id is
+    a label only at scrape time, for the bounded live sales); at most
+    TALLY_SALES_MAX sales between two flushes, others are left out."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def note(self, sale_id: str, outcome: str, seconds: float) -> None:
+        c = self.counts.get(sale_id)
+        if c is None:
+            if len(self.counts) >= TALLY_SALES_MAX:
+                return
+            c = self.counts[sale_id] = {}
+        for field in (f"o:{outcome}", f"b:{bisect.bisect_left(LATENCY_BUCKETS_S, seconds)}"):
+            c[field] = c.get(field, 0) + 1
+
+    def take(self) -> dict[str, dict[str, int]]:
+        """What was counted since the last take (the tally starts afresh)."""
+        taken, self.counts = self.counts, {}
+        return taken
+
+    def give_back(self, taken: dict[str, dict[str, int]]) -> None:
+        """A flush failed: its counts go with the next one."""
+        for sale_id, counts in taken.items():
+            for field, n in counts.items():
+                c = self.counts.setdefault(sale_id, {})
+                c[field] = c.get(field, 0) + n
 
 
 class Metrics:
@@ -17,6 +52,7 @@ class Metrics:
         self._live(r)
         self._room_and_processes(r)
         self._children: dict[tuple[str, str], Any] = {}
+        self.per_sale = SaleTally()
 
     def _front(self, r: CollectorRegistry) -> None:
         """The HTTP front: reservations by outcome, their latency, responses."""

@@ -1,22 +1,29 @@
-"""Reservations per second by outcome and latency quantiles, across fronts.
+"""Reservations per second by outcome and latency quantiles, across fronts,
+for the whole service and per sale.
 
 Each front process adds, once a second, what its Metrics counted since the
 last flush (reservations by outcome, the latency histogram's buckets) to a
 Redis hash per second, ``<p>:stats:<unix second>`` (fields ``o:<outcome>``
 and ``b:<bucket index>``, cumulative over the buckets as Prometheus keeps
-them), kept BUCKET_TTL_S. Summing the hashes of all fronts gives the
-service's rates and, interpolated as PromQL's histogram_quantile does, its
-p50/p99 per second. The reservation path is untouched: one pipeline a
-second per process. Readers cache the seconds that can no longer change.
+them), and the same per sale from its SaleTally (``s:<sale_id>:o:<outcome>``
+and ``s:<sale_id>:b:<bucket index>``, per bucket, not cumulative), kept
+BUCKET_TTL_S. Summing the hashes of all fronts gives the rates and,
+interpolated as PromQL's histogram_quantile does, the p50/p99 per second.
+The reservation path is untouched: one pipeline a second per process.
+Readers cache the seconds that can no longer change. Per-sale series are
+read for the live sales shown (at most ``live_sales_max``), and sent only for
+those with a reservation in the window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -61,7 +68,8 @@ class StatsFlusher:
 
     async def flush(self, second: int | None = None) -> None:
         outcomes, buckets = _counters(self._m)
-        fields: dict[str, int] = {}
+        per_sale = self._m.per_sale.take()
+        fields = {f"s:{sale_id}:{f}": n for sale_id, c in per_sale.items() for f, n in c.items()}
         for outcome, v in outcomes.items():
             d = int(v - self._outcomes.get(outcome, 0.0))
             if d:
@@ -70,16 +78,20 @@ class StatsFlusher:
             d = int(v - self._buckets[i])
             if d:
                 fields[f"b:{i}"] = d
-        self._outcomes, self._buckets = outcomes, buckets
         if not fields:
             return
         sec = int(time.time()) - 1 if second is None else second
         key = stats_key(self._b.settings.key_prefix, sec)
-        async with self._b.redis.pipeline(transaction=False) as pipe:
-            for f, d in fields.items():
-                pipe.hincrby(key, f, d)
-            pipe.expire(key, BUCKET_TTL_S)
-            await pipe.execute()
+        try:
+            async with self._b.redis.pipeline(transaction=False) as pipe:
+                for f, d in fields.items():
+                    pipe.hincrby(key, f, d)
+                pipe.expire(key, BUCKET_TTL_S)
+                await pipe.execute()
+        except BaseException:  # everything counted goes with the next flush
+            self._m.per_sale.give_back(per_sale)
+            raise
+        self._outcomes, self._buckets = outcomes, buckets
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -112,13 +124,18 @@ def quantile(q: float, cumulative: list[int]) -> float | None:
 
 
 class SeriesReader:
-    """The last WINDOW_S seconds, summed over fronts; settled seconds cached."""
+    """The last WINDOW_S seconds, summed over fronts; settled seconds cached,
+    each split by sale ("" for the whole service's fields)."""
 
     def __init__(self, backends: Backends) -> None:
         self._b = backends
-        self._cache: dict[int, dict[str, int]] = {}
+        self._cache: dict[int, dict[str, dict[str, int]]] = {}
 
-    async def read(self, now_s: int | None = None) -> dict[str, Any]:
+    async def read(
+        self, now_s: int | None = None, sale_ids: Iterable[str] = ()
+    ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """The service's series, and those of ``sale_ids`` that had a
+        reservation in the window (the others are left out)."""
         now_s = int(time.time()) if now_s is None else now_s
         last = now_s - 1
         seconds = list(range(last - WINDOW_S + 1, last + 1))
@@ -131,17 +148,38 @@ class SeriesReader:
                 pipe.hgetall(stats_key(prefix, s))
             got = await pipe.execute()
         for s, raw in zip(todo, got, strict=True):
-            self._cache[s] = {as_text(k): int(v) for k, v in raw.items()}
-        return series(seconds, [self._cache[s] for s in seconds])
+            self._cache[s] = by_sale({as_text(k): int(v) for k, v in raw.items()})
+        rows = [self._cache[s] for s in seconds]
+        per_sale = {}
+        for sale_id in sale_ids:
+            mine = [r.get(sale_id, {}) for r in rows]
+            if any(mine):
+                per_sale[sale_id] = series(seconds, mine, cumulative=False)
+        return series(seconds, [r.get("", {}) for r in rows]), per_sale
 
 
-def series(seconds: list[int], rows: list[dict[str, int]]) -> dict[str, Any]:
+def by_sale(fields: dict[str, int]) -> dict[str, dict[str, int]]:
+    """One second's fields by sale: ``s:<sale_id>:<field>`` under the sale id,
+    the service's own (``o:``, ``b:``) under ""."""
+    out: dict[str, dict[str, int]] = {}
+    for k, v in fields.items():
+        sale_id, field = k[2:].split(":", 1) if k.startswith("s:") else ("", k)
+        out.setdefault(sale_id, {})[field] = v
+    return out
+
+
+def series(seconds: list[int], rows: list[dict[str, int]], *, cumulative: bool = True
+           ) -> dict[str, Any]:
+    """Per second: the counts by outcome and p50/p99 in ms (None: none that
+    second). ``cumulative``: the rows' bucket counts are (else per bucket)."""
     names = sorted({k[2:] for r in rows for k in r if k.startswith("o:")})
     outcomes = {n: [r.get(f"o:{n}", 0) for r in rows] for n in names}
     p50: list[float | None] = []
     p99: list[float | None] = []
     for r in rows:
         cum = [r.get(f"b:{i}", 0) for i in range(len(UPPER_BOUNDS))]
+        if not cumulative:
+            cum = list(itertools.accumulate(cum))
         for out, q in ((p50, 0.5), (p99, 0.99)):
             v = quantile(q, cum)
             out.append(None if v is None else round(v * 1000, 3))

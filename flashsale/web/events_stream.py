@@ -4,11 +4,12 @@ Admin bearer auth (a header: the dashboard reads the stream with fetch(), as
 EventSource cannot send one). Every ``admin_events_interval_ms`` (at most a
 second) an ``event: figures`` whose data is one JSON object: every live
 sale's figures and stream state, the workers' liveness, and the last minutes
-of reservations per second by outcome and p50/p99 latency (flashsale/ops/live.py,
-flashsale/ops/stats.py). One snapshot per interval is shared by all the streams
-of a process; at most ``admin_streams_max`` streams at once (503 overloaded
-past that), each at most STREAM_MAX_S long (the page reconnects), all ended
-when the process shuts down.
+of reservations per second by outcome and p50/p99 latency, for the service
+(``series``) and for each live sale shown (its ``series``, null when it had no
+reservation in the window) (flashsale/ops/live.py, flashsale/ops/stats.py).
+One snapshot per interval is shared by all the streams of a process; at most
+``admin_streams_max`` streams at once (503 overloaded past that), each at most
+STREAM_MAX_S long (the page reconnects), all ended when the process shuts down.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ class Snapshotter:
             now = asyncio.get_running_loop().time()
             if now - self._at >= self._interval_s * 0.9:
                 snap: dict[str, Any] = await live.snapshot(self._b)
-                snap["series"] = await self._series.read()
+                shown = [s["sale"]["sale_id"] for s in snap["sales"]]
+                snap["series"], per_sale = await self._series.read(sale_ids=shown)
+                for s in snap["sales"]:  # the same charts for each sale (None: no reservation)
+                    s["series"] = per_sale.get(s["sale"]["sale_id"])
                 snap["interval_ms"] = int(self._interval_s * 1000)
                 self._last = orjson.dumps(snap)
                 self._at = now

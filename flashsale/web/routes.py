@@ -109,6 +109,7 @@ async def create_order(request: web.Request) -> web.Response:
     metrics = app[METRICS]
     started = time.perf_counter()
     outcome = "error"
+    sale_id: str | None = None  # tallied per sale once it is one (the dashboard's charts)
     try:
         user_id = buyer(request)
         key = idempotency_key(request)
@@ -129,8 +130,11 @@ async def create_order(request: web.Request) -> web.Response:
         outcome = exc.code
         raise
     finally:
+        elapsed_s = time.perf_counter() - started
         metrics.count_reservation(outcome)
-        metrics.reserve_latency.observe(time.perf_counter() - started)
+        metrics.reserve_latency.observe(elapsed_s)
+        if sale_id is not None and outcome != errors.SaleNotFound.code:
+            metrics.per_sale.note(sale_id, outcome, elapsed_s)
 
 
 def room_pass(request: web.Request, sale_id: str, user_id: str) -> str:

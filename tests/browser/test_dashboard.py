@@ -138,17 +138,19 @@ async def test_dashboard_shows_the_ledger_and_restocks(live_api: Api) -> None:
             e.get_attribute("data-role"): e.get_attribute("data-alive")
             for e in driver.find_elements(By.CSS_SELECTOR, "#workers .worker")})
         assert pills.get("consumer", "0") != "0" and pills.get("compensator", "0") != "0", pills
-        async def charted() -> bool:
+        async def charted(legend: str) -> bool:
             names = await in_thread(lambda: [e.get_attribute("data-series") for e in
                                              driver.find_elements(By.CSS_SELECTOR,
-                                                                  "#legend-rate span")])
+                                                                  f"{legend} span")])
             return "accepted" in names
-        for _ in range(60):
-            if await charted():
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise AssertionError("no 'accepted' series on the rate chart")
+        # the service's rate chart, and the sale card's own
+        for legend in ("#legend-rate", f'article[data-sale="{sid}"] .sale-legend-rate'):
+            for _ in range(60):
+                if await charted(legend):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"no 'accepted' series on the rate chart {legend}")
 
         # restock through the page, accepting the confirm dialog
         def restock() -> str:

@@ -113,6 +113,9 @@ async def test_admin_events_stream_live_figures(api: Api, settings: Settings) ->
     await api.drain(sid)
     for i in range(3):
         assert (await api.reserve(sid, f"v{i}", quantity=2))[0] == 202
+    code, body = await api.reserve(sid, "u0", quantity=3)  # u0 holds 3 of its 5
+    assert (code, body["error"]["code"]) == (409, "limit_exceeded")
+    other = (await api.create_sale(stock=5))["sale_id"]  # live, no reservation
     expected = await api.ledger(sid)
     events, headers = await _read_events(
         api.session, api.base + "/api/v1/admin/events", settings.admin_token, 3
@@ -134,6 +137,17 @@ async def test_admin_events_stream_live_figures(api: Api, settings: Settings) ->
     assert len(series["t"]) == len(series["p50_ms"]) == len(series["p99_ms"])
     # 10 accepted reservations appear in the per-second counts (flushed every second)
     assert sum(series["outcomes"].get("accepted", [])) >= 10, series["outcomes"]
+    # ... and in the sale's own series: exactly the reservations made for it
+    own = mine[0]["series"]
+    assert own is not None and own["t"] == series["t"]
+    assert {k: sum(v) for k, v in own["outcomes"].items()} == {"accepted": 10, "limit_exceeded": 1}
+    assert len(own["p50_ms"]) == len(own["p99_ms"]) == len(own["t"])
+    seconds = range(len(own["t"]))
+    busy = [i for i in seconds if any(v[i] for v in own["outcomes"].values())]
+    assert busy and all(0 < own["p50_ms"][i] <= own["p99_ms"][i] for i in busy), own
+    assert all(own["p50_ms"][i] is None for i in seconds if i not in busy)
+    other_series = [s for s in last["sales"] if s["sale"]["sale_id"] == other]
+    assert other_series and other_series[0]["series"] is None  # no reservation: no series
     assert "consumer" in last["alive"] and "compensator" in last["alive"]
     # no token, and a wrong one: 401
     status, body, _ = await api.request("GET", "/api/v1/admin/events")

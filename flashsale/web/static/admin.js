@@ -167,6 +167,17 @@ function fillSale(card, s) {
   $(".sale-ends", card).textContent = sale.ends_at ? new Date(sale.ends_at).toLocaleString() : "never";
   $(".end", card).disabled = sale.status === "ended";
   renderWaitingRoom(card, sale, s.waiting_room_figures);
+  renderSaleCharts(card, s.series);
+}
+
+// This sale's charts: its own series in the same event (null: no reservation lately).
+function renderSaleCharts(card, series) {
+  $(".sale-charts", card).hidden = !series;
+  $(".sale-no-series", card).hidden = !!series;
+  if (series) {
+    drawCharts(series, $(".sale-chart-rate", card), $(".sale-legend-rate", card),
+               $(".sale-chart-latency", card), $(".sale-legend-latency", card));
+  }
 }
 
 // The waiting room (contract v1.1) is rendered only when the sale has one.
@@ -225,10 +236,21 @@ function wireControls(card, id) {
 // ---- charts: a line chart on a canvas ------------------------------------------
 
 function renderCharts(series) {
+  drawCharts(series, $("#chart-rate"), $("#legend-rate"), $("#chart-latency"), $("#legend-latency"));
+}
+
+// One colour per outcome, the same on every chart of the page.
+const outcomeColors = new Map([["accepted", COLORS[0]], ["replay", COLORS[1]]]);
+function outcomeColor(name) {
+  if (!outcomeColors.has(name)) outcomeColors.set(name, COLORS[(outcomeColors.size + 2) % COLORS.length]);
+  return outcomeColors.get(name);
+}
+
+function drawCharts(series, rateCanvas, rateLegend, latencyCanvas, latencyLegend) {
   const names = Object.keys(series.outcomes);
-  lineChart($("#chart-rate"), $("#legend-rate"), series.t,
-    names.map((n, i) => ({ name: n, color: COLORS[i % COLORS.length], values: series.outcomes[n] })), "/s");
-  lineChart($("#chart-latency"), $("#legend-latency"), series.t, [
+  lineChart(rateCanvas, rateLegend, series.t,
+    names.map((n) => ({ name: n, color: outcomeColor(n), values: series.outcomes[n] })), "/s");
+  lineChart(latencyCanvas, latencyLegend, series.t, [
     { name: "p50", color: COLORS[1], values: series.p50_ms },
     { name: "p99", color: COLORS[3], values: series.p99_ms },
   ], " ms");
@@ -322,5 +344,5 @@ $("#login-form").addEventListener("submit", (ev) => {
   showDashboard();
 });
 $("#logout").addEventListener("click", () => logout());
-window.addEventListener("resize", () => { if (lastSnapshot && lastSnapshot.series) renderCharts(lastSnapshot.series); });
+window.addEventListener("resize", () => { if (lastSnapshot) render(lastSnapshot); });
 if (token()) showDashboard();
