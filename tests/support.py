@@ -20,7 +20,9 @@ from flashsale.config import Settings
 from flashsale.core import migrate
 from flashsale.core.backends import Backends
 from flashsale.core.compensate import Compensator
+from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import Persister
+from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from flashsale.web import front
 from flashsale.web.app import Workers, create_app
@@ -184,3 +186,15 @@ async def eventually(check: Any, timeout_s: float = 10.0, interval_s: float = 0.
             return last
         await asyncio.sleep(interval_s)
     raise AssertionError(f"condition not met in {timeout_s}s (last: {last!r})")
+
+
+async def poison_order(backends: Backends, sale_id: str) -> Accepted:
+    """A reservation Redis accepts and PostgreSQL refuses (its 65-character
+    buyer id breaks a CHECK): the consumer can only dead-letter it."""
+    reserver = Reserver(backends)
+    try:
+        poison = await reserver.reserve(sale_id, "p" * 65, 1, "poison")
+    finally:
+        await reserver.close()
+    assert isinstance(poison, Accepted), poison
+    return poison

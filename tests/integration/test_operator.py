@@ -19,11 +19,9 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout
 
 from flashsale.config import Settings
-from flashsale.core.outcomes import Accepted
-from flashsale.core.reserve import Reserver
 from flashsale.ops import logs
 from flashsale.web.request_id import HEADER
-from tests.support import Api, running_app
+from tests.support import Api, poison_order, running_app
 
 END_EFFECTIVE_WITHIN_S = 1.0
 
@@ -256,12 +254,7 @@ async def test_json_log_of_a_dead_lettered_entry_names_its_sale_and_order(
     by the consumer; its log line carries the sale and the order as fields."""
     async with running_app(replace(settings, consumer_max_deliveries=1)) as api:
         sid = (await api.create_sale(stock=5))["sale_id"]
-        reserver = Reserver(api.backends)
-        try:
-            poison = await reserver.reserve(sid, "p" * 65, 1, "poison")
-        finally:
-            await reserver.close()
-        assert isinstance(poison, Accepted), poison
+        poison = await poison_order(api.backends, sid)
         with json_lines("flashsale.core.dead_letters") as buf:
             await api.drain(sid)
     lines = [orjson.loads(line) for line in buf.getvalue().splitlines()]

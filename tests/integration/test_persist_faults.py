@@ -37,12 +37,17 @@ import pytest
 from flashsale.core import record
 from flashsale.core.backends import Backends, open_backends
 from flashsale.core.deduct import persist_batch
-from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import Persister
-from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
 from tests.chaos.harness import audit
-from tests.support import Api, eventually, fresh_database, running_app, test_settings
+from tests.support import (
+    Api,
+    eventually,
+    fresh_database,
+    poison_order,
+    running_app,
+    test_settings,
+)
 
 CLAIM_IDLE_MS = 200
 ORDERS = 10
@@ -143,12 +148,7 @@ async def test_entry_committed_by_another_consumer_is_acked_not_dead_lettered(
         sid = (await api.create_sale(stock=3, per_user_limit=2))["sale_id"]
         status, body = await api.reserve(sid, "alice", 2, key="k-1")
         assert status == 202, body
-        reserver = Reserver(api.backends)
-        try:
-            poison = await reserver.reserve(sid, "p" * 65, 1, "poison")  # CHECK refuses it
-        finally:
-            await reserver.close()
-        assert isinstance(poison, Accepted), poison
+        poison = await poison_order(api.backends, sid)  # CHECK refuses it
         k = b.keys(sid)
         got: Any = await b.redis.xreadgroup(s.consumer_group, "alpha", {k.stream: ">"})
         (eid, fields), _poison_item = got[0][1]
@@ -205,12 +205,7 @@ async def test_one_by_one_never_dead_letters_an_order_committed_meanwhile(
         sid = (await api.create_sale(stock=3, per_user_limit=2))["sale_id"]
         status, body = await api.reserve(sid, "alice", 2, key="k-1")
         assert status == 202, body
-        reserver = Reserver(api.backends)
-        try:
-            poison = await reserver.reserve(sid, "p" * 65, 1, "poison")
-        finally:
-            await reserver.close()
-        assert isinstance(poison, Accepted), poison
+        poison = await poison_order(api.backends, sid)  # CHECK refuses it
         k = b.keys(sid)
         beta = Persister(b, Metrics(), name="beta")
         await beta._refresh_streams()  # beta knows the sale's stream ...
