@@ -15,7 +15,6 @@ from flashsale.web.keys import BACKENDS
 from flashsale.web.middleware import json_response
 from flashsale.web.routes import _missing_in_redis, admin, buyer, read_body
 
-PASS_HEADER = "Flashsale-Pass"
 READ_PATCH = BodyReader(WaitingRoomPatch)
 
 

@@ -200,7 +200,7 @@ async def reserve_with(
 ) -> tuple[int, Any]:
     headers = api.buyer(user)
     if pass_ is not None:
-        headers["Flashsale-Pass"] = pass_
+        headers[passes.PASS_HEADER] = pass_
     if key is not None:
         headers["Idempotency-Key"] = key
     status, body, _ = await api.request(
@@ -269,6 +269,29 @@ async def test_a_sale_without_a_room_behaves_as_before(api: Api) -> None:
     assert status == 409 and body["error"]["code"] == "waiting_room_off", body
     status, got, _ = await api.request("GET", f"/api/v1/sales/{sid}")
     assert got["waiting_room"] is None and got["available"] == 2
+
+
+async def test_a_pass_header_on_a_sale_without_a_room_is_ignored(api: Api) -> None:
+    """A sale without a room ignores a Flashsale-Pass header, whatever it holds
+    (garbage, forged, another sale's): 202 as before the room existed. The same
+    garbage on a sale with a room is 403 pass_required, the reservation script's
+    answer (it alone knows whether the sale has a room)."""
+    plain = (await api.create_sale(stock=10, per_user_limit=10))["sale_id"]
+    roomed = await room_sale(api, stock=10)
+    t = await admitted_ticket(api, roomed, "gina")
+    head, mac = t["pass"].split(".")
+    forged = head + "." + ("A" if mac[0] != "A" else "B") + mac[1:]
+    own_sale = passes.sign("another-secret-0123456789", plain, "gina", t["ticket_id"],
+                           now_ms() + 60_000)
+    for label, p in (("garbage", "not-a-pass"), ("empty", ""), ("forged", forged),
+                     ("another sale's", t["pass"]), ("other secret", own_sale)):
+        status, body = await reserve_with(api, plain, "gina", p)
+        assert status == 202, (label, body)
+    status, body = await reserve_with(api, roomed, "gina", "not-a-pass")
+    assert status == 403 and body["error"]["code"] == "pass_required", body
+    assert body["error"]["message"] == "the Flashsale-Pass header is not a pass", body
+    led = await api.ledger(plain)
+    assert led["available"] == 5 and led["pending"] == 5, led
 
 
 async def test_room_settings_are_validated_and_shown(api: Api) -> None:
