@@ -5,8 +5,10 @@ their arguments and shapes their answers into the contract's bodies."""
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -33,6 +35,20 @@ _JOIN_ERRORS: dict[int, type[errors.FlashsaleError]] = {
 }
 
 
+LOTTERY_DRAW_BITS = 53  # room_join-6.lua scores a draw / 2^53: exact in a double
+Draws = Callable[[], int]  # one lottery draw per call, uniform in [0, 2^53)
+
+
+def lottery_draws(seed: int | None) -> Draws:
+    """The lottery's source of draws: the OS's CSPRNG (seed None, always in
+    service), or a PRNG seeded with ``seed`` whose draws repeat from run to run
+    (Settings.room_lottery_seed, set by tests only)."""
+    if seed is None:
+        return lambda: secrets.randbits(LOTTERY_DRAW_BITS)
+    rng = random.Random(seed)
+    return lambda: rng.getrandbits(LOTTERY_DRAW_BITS)
+
+
 def new_ticket_id() -> str:
     return "tk_" + secrets.token_hex(10)
 
@@ -41,14 +57,17 @@ def _s(raw: Any) -> str:
     return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-async def join(b: Backends, sale_id: str, user_id: str) -> tuple[dict[str, Any], bool]:
-    """The buyer's ticket (created: True) or the one it has (False)."""
+async def join(
+    b: Backends, sale_id: str, user_id: str, draws: Draws
+) -> tuple[dict[str, Any], bool]:
+    """The buyer's ticket (created: True) or the one it has (False); a ticket
+    taken before the start gets its lottery place from one of ``draws``."""
     validate.sale_id(sale_id)
     k = b.keys(sale_id)
     now_ms = int(time.time() * 1000)
     raw = await b.scripts.room_join(
         keys=rk.join_keys(k),
-        args=[now_ms, user_id, new_ticket_id(), secrets.randbits(53),
+        args=[now_ms, user_id, new_ticket_id(), draws(),
               b.settings.room_tickets_max, JOIN_GRACE_MS],
     )
     code, ticket = int(raw[0]), _s(raw[1])

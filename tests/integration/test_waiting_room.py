@@ -9,7 +9,6 @@ without waiting for wall-clock seconds."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -25,13 +24,16 @@ from flashsale.ops import live
 from flashsale.room import keys as rk
 from flashsale.room import passes
 from flashsale.room.admitter import Admitter
-from flashsale.room.tickets import new_ticket_id
+from flashsale.room.tickets import Draws, lottery_draws, new_ticket_id
 from flashsale.validate import iso
 from flashsale.web.app import Workers
 from tests.commerce import Shop
 from tests.support import Api, eventually, running_app
 
 ROOM = {"admit_per_s": 1000, "pass_seconds": 60}
+# the lottery tests' seeded draws (Settings.room_lottery_seed, lottery_draws): the same
+# draws every run, so a statistical test at 1 % cannot fail 1 % of runs by chance
+LOTTERY_SEED = 20261208
 
 
 def raw(b: Backends) -> Any:
@@ -73,15 +75,18 @@ async def admit_at(b: Backends, sid: str, at_ms: int, batch_max: int = 1) -> int
 
 
 async def join_direct(
-    b: Backends, sid: str, users: list[str], at_ms: int, grace_ms: int = 120_000
+    b: Backends, sid: str, users: list[str], at_ms: int, grace_ms: int = 120_000,
+    draws: Draws | None = None,
 ) -> list[str]:
-    """Tickets taken through the join script itself (fast, for thousands)."""
+    """Tickets taken through the join script itself (fast, for thousands); the
+    lottery's draws from ``draws`` (default: the service's, the CSPRNG)."""
     k = b.keys(sid)
+    draws = draws or lottery_draws(None)
     async with raw(b).pipeline(transaction=False) as pipe:
         for u in users:
             await b.scripts.room_join(
                 keys=rk.join_keys(k),
-                args=[at_ms, u, new_ticket_id(), secrets.randbits(53), 10**6, grace_ms],
+                args=[at_ms, u, new_ticket_id(), draws(), 10**6, grace_ms],
                 client=pipe,
             )
         got = await pipe.execute()
@@ -124,10 +129,23 @@ async def test_fifo_after_the_start(api: Api) -> None:
     assert await admission_order(b, sid) == joined
 
 
-async def test_lottery_before_the_start(api: Api) -> None:
+async def test_lottery_before_the_start(settings: Settings) -> None:
     """2,000 tickets taken before the start are admitted in an order that does
     not follow the join order (|Spearman rho| < 0.1); later arrivals come after
-    them, in arrival order."""
+    them, in arrival order. The front's draws are seeded (room_lottery_seed) and
+    the joins one after another: the same draws reach the script every run."""
+    async with running_app(replace(settings, room_lottery_seed=LOTTERY_SEED)) as api:
+        order, joined, late = await _lottery_of_2000(api)
+    assert order[2000:] == late, "after the start: FIFO, behind the lottery"
+    rank = {t: i for i, t in enumerate(order)}
+    rho = spearman(list(range(2000)), [rank[t] for t in joined])
+    print(f"lottery of 2,000: Spearman rho = {rho:+.4f}")
+    assert abs(rho) < 0.1, rho
+
+
+async def _lottery_of_2000(api: Api) -> tuple[list[str], list[str], list[str]]:
+    """2,000 joins through the API before the start, 3 after; the admission
+    order, the tickets in join order, the late ones."""
     b = api.backends
     starts = datetime.now(UTC) + timedelta(seconds=40)
     sid = await room_sale(api, stock=10_000, starts_at=iso(starts))
@@ -141,12 +159,7 @@ async def test_lottery_before_the_start(api: Api) -> None:
     late = await join_direct(b, sid, ["late-1", "late-2", "late-3"], start_ms + 1)
     for i in range(2003):
         assert await admit_at(b, sid, start_ms + 10 + i) == 1
-    order = await admission_order(b, sid)
-    assert order[2000:] == late, "after the start: FIFO, behind the lottery"
-    rank = {t: i for i, t in enumerate(order)}
-    rho = spearman(list(range(2000)), [rank[t] for t in joined])
-    print(f"lottery of 2,000: Spearman rho = {rho:+.4f}")
-    assert abs(rho) < 0.1, rho
+    return await admission_order(b, sid), joined, late
 
 
 CHI2_1PCT_DOF_49 = 74.919  # chi-square critical value, 49 degrees of freedom, 1 %
@@ -154,9 +167,11 @@ CHI2_1PCT_DOF_49 = 74.919  # chi-square critical value, 49 degrees of freedom, 1
 
 async def test_lottery_favours_no_join_slot(api: Api) -> None:
     """Over 800 lotteries of 8 tickets, the rank each join slot is admitted at
-    is uniform: chi-square of the 8x8 slot-by-rank table at 1 %."""
+    is uniform: chi-square of the 8x8 slot-by-rank table at 1 %. The draws are
+    seeded (the same every run); the order is the real join script's."""
     b = api.backends
     n, runs = 8, 800
+    draws = lottery_draws(LOTTERY_SEED)
     counts = [[0] * n for _ in range(n)]
     future = now_ms() + 3_600_000
     for run in range(runs):
@@ -167,7 +182,8 @@ async def test_lottery_favours_no_join_slot(api: Api) -> None:
             args=[100, 1, 100, future, 0, 60_000, "persist", 1000, 60_000, "2.0", "0"],
         )
         assert int(loaded) == 1
-        joined = await join_direct(b, sid, [f"u{i}" for i in range(n)], future - 1000)
+        joined = await join_direct(b, sid, [f"u{i}" for i in range(n)], future - 1000,
+                                   draws=draws)
         async with raw(b).pipeline(transaction=False) as pipe:
             for i in range(n):
                 await b.scripts.room_admit(
