@@ -353,6 +353,63 @@ async def test_admin_get_and_patch(api: Api) -> None:
     assert status == 401
 
 
+# -- polling and the ETA ---------------------------------------------------------------------
+
+
+async def test_poll_after_grows_with_the_position(api: Api) -> None:
+    """2,000 waiting at 1 admission a second: a ticket far back is told to poll
+    less often than one near the front (1 s + 10 ms per ticket ahead, at most
+    30 s), and its heartbeat grace follows (max(3 x poll_after_ms, 30 s))."""
+    b = api.backends
+    sid = await room_sale(api, {"admit_per_s": 1, "pass_seconds": 3600}, stock=10)
+    users = [f"pa-{i}" for i in range(2000)]
+    tickets = await join_direct(b, sid, users, now_ms())
+    got = {}
+    for pos in (0, 10, 100, 1000, 1999):
+        before = now_ms()
+        status, t = await poll(api, sid, tickets[pos], users[pos])
+        assert status == 200 and t["state"] == "waiting" and t["position"] == pos, t
+        got[pos] = t["poll_after_ms"]
+        deadline = await raw(b).zscore(b.keys(sid).room_beats, tickets[pos])
+        assert deadline - before >= max(3 * t["poll_after_ms"], 30_000), (pos, t, deadline)
+    print(f"poll_after_ms by position: {got}")
+    assert got == {0: 1000, 10: 1100, 100: 2000, 1000: 11_000, 1999: 20_990}, got
+    status, t = await join(api, sid, "pa-late")
+    assert status == 201 and t["position"] == 2000 and t["poll_after_ms"] == 21_000, t
+
+
+async def test_eta_is_unknown_while_waiting_on_held_stock(api: Api) -> None:
+    """1 unit, oversubscribe 1: while the only unit is held (available 0, the hold
+    can still come back) a waiting ticket keeps its place, is not sold_out, and
+    its ETA is null (unknown), as is the last place's on the dashboard; once the
+    hold comes back it is admitted."""
+    b = api.backends
+    sid = await room_sale(api, {"admit_per_s": 1000, "pass_seconds": 60, "oversubscribe": 1},
+                          stock=1)
+    first = await admitted_ticket(api, sid, "holder")
+    status, second = await join(api, sid, "patient")
+    assert status == 201 and second["state"] == "waiting", second
+    status, order = await reserve_with(api, sid, "holder", first["pass"])
+    assert status == 202, order
+    assert await Admitter(b).step(sid) == 0
+    status, t = await poll(api, sid, second["ticket_id"], "patient")
+    assert status == 200 and t["state"] == "waiting" and t["position"] == 0, t
+    assert t["eta_seconds"] is None, "available 0, a hold outstanding: nobody can know"
+    snap = await live.snapshot(b)
+    w = next(s for s in snap["sales"] if s["sale"]["sale_id"] == sid)["waiting_room_figures"]
+    assert w["waiting"] == 1 and w["eta_last_low_s"] is None and w["eta_last_high_s"] is None, w
+    assert w["closed"] is False, w
+    # the hold comes back (the buyer cancels): the unit is offered on
+    await api.drain(sid)
+    status, body, _ = await api.request(
+        "POST", f"/api/v1/orders/{order['order_id']}/cancel", headers=api.buyer("holder")
+    )
+    assert status == 200, body
+    assert await Admitter(b).step(sid) == 1
+    status, t = await poll(api, sid, second["ticket_id"], "patient")
+    assert t["state"] == "admitted" and t["pass"], t
+
+
 # -- the rate, abandonment -------------------------------------------------------------------
 
 
