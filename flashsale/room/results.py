@@ -7,11 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from flashsale import errors
 from flashsale.core.backends import as_text
 from flashsale.room.eta import RoomNow
+
+Code = TypeVar("Code", bound=IntEnum)
+
+
+def _refusal(raw: list[Any], codes: type[Code]) -> Code | None:
+    """The script's refusal (a negative first entry, nothing written), or None."""
+    code = int(raw[0])
+    return codes(code) if code < 0 else None
 
 
 class JoinCode(IntEnum):
@@ -67,9 +75,8 @@ class Polled:
 
     @classmethod
     def of(cls, raw: list[Any]) -> Polled | PollCode:
-        code = int(raw[0])
-        if code < 0:
-            return PollCode(code)
+        if (refused := _refusal(raw, PollCode)) is not None:
+            return refused
         pos = int(raw[2])
         return cls(
             state=as_text(raw[1]), position=pos if pos >= 0 else None,
@@ -102,9 +109,8 @@ class AdmitStep:
 
     @classmethod
     def of(cls, raw: list[Any]) -> AdmitStep | AdmitCode:
-        code = int(raw[0])
-        if code < 0:
-            return AdmitCode(code)
+        if (refused := _refusal(raw, AdmitCode)) is not None:
+            return refused
         return cls(int(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]) == 1, int(raw[5]))
 
 
