@@ -8,15 +8,19 @@
 - Redis bytes per waiting ticket (MEMORY USAGE of the room's four per-ticket
   keys divided by the tickets).
 
-Writes room.json and room.md next to the bench's other results. The Python
+Writes room.json and room.md next to the bench's other results, and latest.md's
+"Waiting room" section (``python -m bench.room`` adds that section from the
+room.json already there, without measuring). The Python
 client shares the machine's cores with the servers: the ratio is the figure
 to read, more than the absolute rates.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -122,12 +126,9 @@ async def measure_room(lab: Lab) -> dict[str, Any]:
     return result
 
 
-def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
-    js = out_dir / "room.json"
-    js.write_text(json.dumps(result, indent=2) + "\n")
-    md = out_dir / "room.md"
-    md.write_text(
-        "# Waiting room costs (1 front process)\n\n"
+def _table(result: dict[str, Any]) -> str:
+    """The figures' table: room.md's body and latest.md's section alike."""
+    return (
         "| figure | value |\n| --- | --- |\n"
         f"| polls/s (GET ticket) | {result['polls_per_s']:,} |\n"
         f"| echo ceiling, same client | {result['echo_per_s']:,} |\n"
@@ -137,4 +138,52 @@ def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
         f"| tickets, concurrency, seconds | {result['tickets']:,}, {result['concurrency']}, "
         f"{result['duration_s']:g} |\n\n{result['client']}.\n"
     )
+
+
+def write(result: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
+    js = out_dir / "room.json"
+    js.write_text(json.dumps(result, indent=2) + "\n")
+    md = out_dir / "room.md"
+    md.write_text("# Waiting room costs (1 front process)\n\n" + _table(result))
     return md, js
+
+
+SECTION = "\n## Waiting room"
+
+
+def add_section(latest_md: Path, room_json: Path) -> None:
+    """latest.md's "Waiting room" section, from room.json's figures (run.py adds
+    it after a run that measured the room; ``python -m bench.room`` adds it to
+    the results as they are, without measuring anything). A section already
+    there is replaced, so adding it twice leaves one."""
+    text = latest_md.read_text()
+    at = text.find(SECTION)
+    if at >= 0:  # up to the next section, or the end
+        end = text.find("\n## ", at + len(SECTION))
+        text = text[:at] + (text[end:] if end >= 0 else "\n")
+    result = json.loads(room_json.read_text())
+    latest_md.write_text(
+        text.rstrip("\n") + "\n" + SECTION + " (bench/room.py; 1 front process, a sale "
+        "with a room, 1 admission a second so every ticket keeps waiting)\n\n"
+        + _table(result)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.room",
+        description="Add room.json's figures to latest.md (nothing is measured).")
+    p.add_argument("--results", type=Path, default=Path(__file__).parent / "results",
+                   help="the directory with latest.md and room.json")
+    opts = p.parse_args(argv)
+    room_json = opts.results / "room.json"
+    if not room_json.is_file():
+        print(f"no {room_json}: run the bench with the room system first", file=sys.stderr)
+        return 1
+    add_section(opts.results / "latest.md", room_json)
+    print(f"added the waiting room's figures ({room_json}) to {opts.results / 'latest.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -375,10 +375,11 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
               f"{'embedded' if server_pids else 'given'}", flush=True)
         results, drain = await _systems(lab)
         extras = await _extras(lab, admin_dsn, results)
+        room_js = None
         if "room" in opts.systems:  # the waiting room's costs: room.md, room.json
             print("== waiting room (polls/s vs echo, joins/s, bytes per ticket)", flush=True)
-            room_md, _room_js = bench_room.write(await bench_room.measure_room(lab),
-                                                 opts.out_dir)
+            room_md, room_js = bench_room.write(await bench_room.measure_room(lab),
+                                                opts.out_dir)
             print(room_md.read_text())
         meta: dict[str, Any] = {
             "started": started, "machine": machine(), "cores": os.cpu_count(),
@@ -402,6 +403,8 @@ async def _run(opts: Options, workdir: Path, redis_url: str, dsn: str,
         md, js, png = report.write(results, drain, meta, opts.out_dir, extras)
         if replica_cost is not None:
             md.write_text(md.read_text() + replicated.markdown(replica_cost))
+        if room_js is not None:  # this run's room figures only, never an older room.json
+            bench_room.add_section(md, room_js)
     print()
     print(md.read_text())
     print(f"wrote {md}, {js}, {png}")

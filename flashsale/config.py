@@ -351,6 +351,10 @@ class Settings:
     # waiting room (flashsale/room/): tickets per sale, the admitter's step
     room_tickets_max: int = 1_000_000
     room_admit_interval_ms: int = 100
+    # the lottery's draws (room/tickets.py lottery_draws): None, the OS's CSPRNG; a seed,
+    # reproducible draws for tests. Never read from the environment: a known seed
+    # would make the lottery's order predictable
+    room_lottery_seed: int | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

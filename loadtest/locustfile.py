@@ -19,6 +19,10 @@ Environment:
                          the spike: 0 -> peak in RAMP, PLATEAU at peak, down in DECAY
                          (defaults 150 users, 5 s, 30 s, 15 s)
   LOADTEST_SUMMARY       a JSON file written at the end with the buyers' own counts
+  LOADTEST_ROOM          "1": RoomBuyer (a sale with a waiting room) may run too; choose
+                         it by name: locust -f loadtest/locustfile.py RoomBuyer
+  LOADTEST_ROOM_SALE_ID  RoomBuyer's sale (else one with a room is created)
+  LOADTEST_ROOM_ADMIT_PER_S  that room's admission rate (default 50)
 """
 
 from __future__ import annotations
@@ -87,7 +91,8 @@ def _write_summary(**_kw: Any) -> None:
     path = os.environ.get("LOADTEST_SUMMARY")
     if path:
         with _lock:
-            doc = {"sale_id": _state.get("sale_id"), "counts": dict(_counts)}
+            doc = {"sale_id": _state.get("sale_id"), "room_sale_id": _state.get("room_sale_id"),
+                   "counts": dict(_counts)}
         with open(path, "w") as fh:
             json.dump(doc, fh, indent=2)
 

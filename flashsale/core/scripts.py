@@ -183,5 +183,7 @@ class DeadLettered:
         return cls(bool(int(raw[0])), int(raw[1]))
 
 
-# ack_persisted-3.lua, undo_delivery-1.lua, publish_events-1.lua answer a count
-# (entries acked, counters lowered, events appended): an int, as returned.
+# ack_persisted-3.lua, undo_delivery-1.lua, publish_events-1.lua and
+# forget_idempotency.lua answer a count (entries acked, counters lowered, events
+# appended, idempotency records deleted): an int, as returned.
+# The waiting room's scripts (room_*.lua): flashsale/room/results.py.

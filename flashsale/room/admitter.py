@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
 from flashsale.core import live_sales
-from flashsale.core.backends import Backends
+from flashsale.core.backends import Backends, as_text
 from flashsale.room import keys as rk
+from flashsale.room.results import AdmitCode, AdmitStep, CloseCode
 
 log = logging.getLogger("flashsale.room.admitter")
 
@@ -56,20 +56,18 @@ class Admitter:
     async def step(self, sale_id: str) -> int:
         """One admission step of one sale; returns how many it admitted."""
         k = self._b.keys(sale_id)
-        total = 0
-        res: list[Any] = []
+        total, last = 0, None
         for _ in range(CALLS_PER_STEP_MAX):
-            res = await self._b.scripts.room_admit(
+            got = AdmitStep.of(await self._b.scripts.room_admit(
                 keys=rk.admit_keys(k),
                 args=[int(time.time() * 1000), BATCH_MAX, SWEEP_MAX, WINDOW_MS],
-            )
-            if int(res[0]) < 0:
+            ))
+            if isinstance(got, AdmitCode):  # no sale, or no room (any more)
                 return total
-            total += int(res[1])
-            if int(res[1]) < BATCH_MAX:
+            total, last = total + got.admitted, got
+            if got.admitted < BATCH_MAX:
                 break
-        available, closed = int(res[3]), int(res[4]) == 1
-        if available <= 0 and not closed:
+        if last is not None and last.available <= 0 and not last.closed:
             await self.maybe_close(sale_id)
         return total
 
@@ -91,16 +89,15 @@ class Admitter:
         elif isinstance(info, Exception):
             raise info
         else:
-            raw = info.get("last-generated-id", b"")
-            last = raw.decode() if isinstance(raw, bytes) else str(raw)
+            last = as_text(info.get("last-generated-id", b""))
         if int(await b.pg.fetchval(_HOLDS_THAT_CAN_RETURN, sale_id)) != 0:
             return False
-        done = int(await b.scripts.room_close(
+        done = CloseCode(int(await b.scripts.room_close(
             keys=rk.close_keys(k), args=[last, int(time.time() * 1000)]
-        ))
-        if done == 1:
+        )))
+        if done is CloseCode.CLOSED:
             log.info("waiting room of %s closed: sold out, no hold can come back", sale_id)
-        return done == 1
+        return done is CloseCode.CLOSED
 
     async def run(self, stop: asyncio.Event) -> None:
         interval = self._b.settings.room_admit_interval_ms / 1000

@@ -19,6 +19,7 @@ import re
 
 from flashsale.errors import PassRequired
 
+PASS_HEADER = "Flashsale-Pass"  # the request header a pass travels in (one owner)
 PASS_MAX_CHARS = 512
 _DOMAIN = b"flashsale-pass-v1|"
 TICKET_ID_RE = re.compile(r"^tk_[0-9a-f]{20}$")
@@ -47,12 +48,12 @@ def verify(secret: str, token: str | None, sale_id: str, user_id: str, now_ms: i
     if not token:
         raise PassRequired()
     if len(token) > PASS_MAX_CHARS or token.count(".") != 1:
-        raise PassRequired("the Flashsale-Pass header is not a pass")
+        raise PassRequired(f"the {PASS_HEADER} header is not a pass")
     head, _, mac = token.partition(".")
     try:
         payload, got = _unb64(head), _unb64(mac)
     except (binascii.Error, ValueError):
-        raise PassRequired("the Flashsale-Pass header is not a pass") from None
+        raise PassRequired(f"the {PASS_HEADER} header is not a pass") from None
     if not hmac.compare_digest(got, _mac(secret, payload)):
         raise PassRequired("the pass is not valid (not signed by this service)")
     try:

@@ -5,8 +5,10 @@ their arguments and shapes their answers into the contract's bodies."""
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -18,46 +20,52 @@ from flashsale.core.backends import Backends
 from flashsale.room import keys as rk
 from flashsale.room import passes
 from flashsale.room.eta import RoomNow, eta_range
+from flashsale.room.results import JOIN_ERRORS, Configured, JoinCode, Joined, PollCode, Polled
 from flashsale.room.settings import RoomSettings
 from flashsale.schemas.bodies import WaitingRoomPatch
 
 log = logging.getLogger("flashsale.room")
 
 JOIN_GRACE_MS = 30_000  # a new ticket's first heartbeat deadline (its first poll follows)
-_JOIN_ERRORS: dict[int, type[errors.FlashsaleError]] = {
-    -1: errors.SaleNotFound,
-    -2: errors.WaitingRoomOff,
-    -3: errors.SoldOut,
-    -4: errors.SaleNotActive,
-    -5: errors.Overloaded,
-}
+
+
+LOTTERY_DRAW_BITS = 53  # room_join-6.lua scores a draw / 2^53: exact in a double
+Draws = Callable[[], int]  # one lottery draw per call, uniform in [0, 2^53)
+
+
+def lottery_draws(seed: int | None) -> Draws:
+    """The lottery's source of draws: the OS's CSPRNG (seed None, always in
+    service), or a PRNG seeded with ``seed`` whose draws repeat from run to run
+    (Settings.room_lottery_seed, set by tests only)."""
+    if seed is None:
+        return lambda: secrets.randbits(LOTTERY_DRAW_BITS)
+    rng = random.Random(seed)
+    return lambda: rng.getrandbits(LOTTERY_DRAW_BITS)
 
 
 def new_ticket_id() -> str:
     return "tk_" + secrets.token_hex(10)
 
 
-def _s(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
-
-
-async def join(b: Backends, sale_id: str, user_id: str) -> tuple[dict[str, Any], bool]:
-    """The buyer's ticket (created: True) or the one it has (False)."""
+async def join(
+    b: Backends, sale_id: str, user_id: str, draws: Draws
+) -> tuple[dict[str, Any], bool]:
+    """The buyer's ticket (created: True) or the one it has (False); a ticket
+    taken before the start gets its lottery place from one of ``draws``."""
     validate.sale_id(sale_id)
     k = b.keys(sale_id)
     now_ms = int(time.time() * 1000)
     raw = await b.scripts.room_join(
         keys=rk.join_keys(k),
-        args=[now_ms, user_id, new_ticket_id(), secrets.randbits(53),
+        args=[now_ms, user_id, new_ticket_id(), draws(),
               b.settings.room_tickets_max, JOIN_GRACE_MS],
     )
-    code, ticket = int(raw[0]), _s(raw[1])
-    if code < 0:
-        err = _JOIN_ERRORS[code]
-        if err is errors.Overloaded:
-            raise errors.Overloaded("the waiting room is full; retry later")
-        raise err()
-    return await poll(b, sale_id, ticket, user_id), code == 0
+    joined = Joined.of(raw)
+    if joined.code is JoinCode.OVERLOADED:
+        raise errors.Overloaded("the waiting room is full; retry later")
+    if joined.code in JOIN_ERRORS:
+        raise JOIN_ERRORS[joined.code]()
+    return await poll(b, sale_id, joined.ticket_id, user_id), joined.code is JoinCode.CREATED
 
 
 async def poll(b: Backends, sale_id: str, ticket_id: str, user_id: str) -> dict[str, Any]:
@@ -68,32 +76,27 @@ async def poll(b: Backends, sale_id: str, ticket_id: str, user_id: str) -> dict[
     k = b.keys(sale_id)
     now_ms = int(time.time() * 1000)
     raw = await b.scripts.room_poll(keys=rk.poll_keys(k), args=[now_ms, ticket_id, user_id])
-    code = int(raw[0])
-    if code == -1:
+    got = Polled.of(raw)
+    if got is PollCode.SALE_NOT_FOUND:
         raise errors.SaleNotFound()
-    if code < 0:
+    if isinstance(got, PollCode):
         raise errors.TicketNotFound()
-    state, pos, pass_exp, poll_after = _s(raw[1]), int(raw[2]), int(raw[3]), int(raw[4])
-    r = RoomNow(
-        rate=float(raw[5]), measured=int(raw[9]) / 1000, paused=int(raw[6]) == 1,
-        closed=int(raw[7]) == 1, waiting=int(raw[8]), available=int(raw[11]),
-        outstanding=int(raw[10]), oversubscribe=float(_s(raw[13])), starts_ms=int(raw[12]),
-    )
     eta = None
-    if state == "waiting":
-        got = eta_range(r, pos if pos >= 0 else None, now_ms)
-        eta = None if got is None else {"low": got[0], "high": got[1]}
-    admitted = state == "admitted"
+    if got.state == "waiting":
+        bounds = eta_range(got.room, got.position, now_ms)
+        eta = None if bounds is None else {"low": bounds[0], "high": bounds[1]}
+    admitted = got.state == "admitted"
     return {
         "ticket_id": ticket_id,
         "sale_id": sale_id,
-        "state": state,
-        "position": pos if state == "waiting" and pos >= 0 else None,
+        "state": got.state,
+        "position": got.position if got.state == "waiting" else None,
         "eta_seconds": eta,
-        "poll_after_ms": poll_after,
-        "pass": passes.sign(b.settings.pass_secret, sale_id, user_id, ticket_id, pass_exp)
-        if admitted else None,
-        "pass_expires_at": validate.iso_ms(pass_exp) if admitted else None,
+        "poll_after_ms": got.poll_after_ms,
+        "pass": passes.sign(
+            b.settings.pass_secret, sale_id, user_id, ticket_id, got.pass_expires_ms
+        ) if admitted else None,
+        "pass_expires_at": validate.iso_ms(got.pass_expires_ms) if admitted else None,
     }
 
 
@@ -161,10 +164,10 @@ async def admin_view(b: Backends, sale_id: str) -> dict[str, Any]:
     return {f: figs[f] for f in ADMIN_FIELDS}
 
 
-async def configure(b: Backends, sale_id: str, room: RoomSettings) -> int:
-    """Copy the settings into Redis's sale hash (-1: the hash is missing)."""
+async def configure(b: Backends, sale_id: str, room: RoomSettings) -> Configured:
+    """Copy the settings into Redis's sale hash (SALE_MISSING: the hash is missing)."""
     k = b.keys(sale_id)
-    return int(await b.scripts.room_configure(keys=[k.sale], args=room.redis_args()))
+    return Configured(int(await b.scripts.room_configure(keys=[k.sale], args=room.redis_args())))
 
 
 async def patch(b: Backends, sale_id: str, body: WaitingRoomPatch) -> dict[str, Any]:

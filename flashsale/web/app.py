@@ -15,6 +15,7 @@ from flashsale.core.backends import open_backends
 from flashsale.core.reserve import Reserver
 from flashsale.ops import heartbeat
 from flashsale.ops.metrics import Metrics
+from flashsale.room.tickets import lottery_draws
 from flashsale.run import roles
 from flashsale.web import admin, ops, payments, request_id, room, routes
 from flashsale.web.admission import Admission
@@ -23,6 +24,7 @@ from flashsale.web.keys import (
     AUTH,
     BACKENDS,
     INTEGRATIONS,
+    LOTTERY,
     METRICS,
     REBUILDS,
     RESERVER,
@@ -93,6 +95,7 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[AUTH] = Authenticator(settings.jwt_secret, settings.admin_token)
+    app[LOTTERY] = lottery_draws(settings.room_lottery_seed)
     app[ADMISSION] = Admission(
         user_rate_per_s=settings.rate_user_per_s, user_burst=settings.rate_user_burst,
         global_rate_per_s=settings.rate_global_per_s,

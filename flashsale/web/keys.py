@@ -7,6 +7,7 @@ without pulling in the whole pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -29,3 +30,4 @@ BACKENDS: web.AppKey[Backends] = web.AppKey("backends")
 RESERVER: web.AppKey[Reserver] = web.AppKey("reserver")
 REBUILDS: web.AppKey[Rebuilds] = web.AppKey("rebuilds")
 INTEGRATIONS: web.AppKey[Integrations] = web.AppKey("integrations")
+LOTTERY: web.AppKey[Callable[[], int]] = web.AppKey("lottery")  # room/tickets.lottery_draws

@@ -11,11 +11,10 @@ from flashsale.schemas.bodies import WaitingRoomPatch
 from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
 from flashsale.web.admin import PAGE_HEADERS, STATIC
-from flashsale.web.keys import BACKENDS
+from flashsale.web.keys import BACKENDS, LOTTERY
 from flashsale.web.middleware import json_response
 from flashsale.web.routes import _missing_in_redis, admin, buyer, read_body
 
-PASS_HEADER = "Flashsale-Pass"
 READ_PATCH = BodyReader(WaitingRoomPatch)
 
 
@@ -24,7 +23,9 @@ async def join(request: web.Request) -> web.Response:
     await read_body(request)  # no body is expected; whatever came is read and ignored
     sale_id = validate.sale_id(request.match_info["sale_id"])
     try:
-        ticket, created = await tickets.join(request.app[BACKENDS], sale_id, user_id)
+        ticket, created = await tickets.join(
+            request.app[BACKENDS], sale_id, user_id, request.app[LOTTERY]
+        )
     except errors.SaleNotFound:
         await _missing_in_redis(request, sale_id)
         raise

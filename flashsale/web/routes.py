@@ -115,11 +115,13 @@ async def create_order(request: web.Request) -> web.Response:
         key = idempotency_key(request)
         qty = READ_ORDER(await read_body(request)).quantity
         sale_id = validate.sale_id(request.match_info["sale_id"])
-        ticket = room_pass(request, sale_id, user_id)
+        ticket, why_no_pass = room_pass(request, sale_id, user_id)
         result = await app[RESERVER].reserve(sale_id, user_id, qty, key, ticket)
         if isinstance(result, Refused):
             if result.error is errors.SaleNotFound:
                 await _missing_in_redis(request, sale_id)
+            if result.error is errors.PassRequired and why_no_pass is not None:
+                raise why_no_pass  # the room wants a pass: say what was wrong with this one
             outcome = result.error.code
             return refusal_response(result.error)
         outcome = "replay" if result.replay else "accepted"
@@ -137,16 +139,23 @@ async def create_order(request: web.Request) -> web.Response:
             metrics.per_sale.note(sale_id, outcome, elapsed_s)
 
 
-def room_pass(request: web.Request, sale_id: str, user_id: str) -> str:
-    """The ticket of the waiting-room pass sent (header Flashsale-Pass), verified
-    here without Redis ("" when none is sent: the reservation script then asks
-    for one if the sale has a room). A pass that does not verify is 403."""
-    token = request.headers.get("Flashsale-Pass")
+def room_pass(
+    request: web.Request, sale_id: str, user_id: str
+) -> tuple[str, errors.PassRequired | None]:
+    """The ticket the waiting-room pass names (header PASS_HEADER), verified
+    here without Redis, and why the pass sent is not one. An absent or invalid
+    pass is no pass ("" for the reservation script, which alone knows whether
+    the sale has a room and then answers PASS_REQUIRED): a sale without a room
+    ignores the header, whatever it holds, as it did before rooms existed."""
+    token = request.headers.get(passes.PASS_HEADER)
     if token is None:
-        return ""
-    return passes.verify(
-        request.app[SETTINGS].pass_secret, token, sale_id, user_id, int(time.time() * 1000)
-    )
+        return "", None
+    try:
+        now_ms = int(time.time() * 1000)
+        return passes.verify(request.app[SETTINGS].pass_secret, token, sale_id, user_id,
+                             now_ms), None
+    except errors.PassRequired as why:
+        return "", why
 
 
 _REFUSAL_BODIES = {

@@ -93,6 +93,9 @@ def test_quick_bench_writes_the_three_files(request: pytest.FixtureRequest, tmp_
     cost = doc["meta"]["replica_ack_cost"]
     assert {"throughput_ratio", "p99_ratio"} <= set(cost)
     assert "one replica acknowledging vs none" in md
+    # the waiting room's figures (bench/room.py), this run's room.json
+    room = json.loads((tmp_path / "room.json").read_text())
+    assert "## Waiting room" in md and f"| polls vs echo | {room['polls_vs_echo']} |" in md
 
 
 def test_quick_bench_python_load_generator(request: pytest.FixtureRequest, tmp_path: Path) -> None:

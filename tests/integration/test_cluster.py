@@ -19,6 +19,8 @@ from redis import Redis
 from redis.crc import key_slot
 
 from flashsale.core.resolve import Resolver
+from flashsale.room.admitter import Admitter
+from flashsale.room.passes import PASS_HEADER
 from flashsale.run.embedded.servers import find_redis_server
 from tests.support import Api, running_app, test_settings
 
@@ -188,3 +190,49 @@ async def test_idempotency_key_reused_across_sales_is_422(
             await api.drain(sale_id)
         held = {s: (await api.ledger(s))["awaiting_payment"] for s in (a, b, c, d)}
         assert held[a] == 1 and held[b] == 1 and held[c] + held[d] == 1, held
+
+
+async def test_waiting_room_on_the_cluster(cluster_url: str, database_url: str) -> None:
+    """The room's keys share the sale's hash tag, so its scripts run unchanged on
+    a cluster: on sales spread over the nodes a buyer joins, is admitted by the
+    admitter, reserves with the pass (202), and a second use of it is 403."""
+    settings = test_settings(cluster_url, database_url, redis_cluster=True)
+    room = {"admit_per_s": 100, "pass_seconds": 60}
+    async with running_app(settings) as api:
+        sales = [(await api.create_sale(stock=1, per_user_limit=2, waiting_room=room))["sale_id"]
+                 for _ in range(4)]
+        nodes = {key_slot(api.backends.keys(s).sale.encode()) // (SLOTS // NODES) for s in sales}
+        assert len(nodes) >= 2, "the sales should land on more than one node"
+        for sid in sales:
+            await _join_admit_reserve(api, sid)
+        status, body, _ = await api.request(
+            "GET", f"/api/v1/admin/sales/{sales[0]}/waiting-room", headers=api.admin
+        )
+        assert status == 200 and body["used"] == 1 and body["admitted_total"] == 1, body
+
+
+async def _join_admit_reserve(api: Api, sid: str) -> None:
+    buyer = api.buyer("roomer")
+    status, t, _ = await api.request("POST", f"/api/v1/sales/{sid}/queue", headers=buyer)
+    assert status == 201 and t["state"] == "waiting" and t["position"] == 0, t
+    assert await Admitter(api.backends).step(sid) == 1
+    status, t, _ = await api.request(
+        "GET", f"/api/v1/sales/{sid}/queue/{t['ticket_id']}", headers=buyer
+    )
+    assert status == 200 and t["state"] == "admitted" and t["pass"], t
+    with_pass = {**buyer, PASS_HEADER: t["pass"]}
+    status, order, _ = await api.request(
+        "POST", f"/api/v1/sales/{sid}/orders", json={}, headers=with_pass
+    )
+    assert status == 202, order
+    status, again, _ = await api.request(
+        "POST", f"/api/v1/sales/{sid}/orders", json={}, headers=with_pass
+    )
+    assert status == 403 and again["error"]["code"] == "pass_required", again
+    # stock 0 with the hold outstanding: the step's close check (a pipeline and
+    # XINFO on the sale's node) leaves the room open
+    assert await Admitter(api.backends).step(sid) == 0
+    status, t, _ = await api.request(
+        "GET", f"/api/v1/sales/{sid}/queue/{t['ticket_id']}", headers=buyer
+    )
+    assert status == 200 and t["state"] == "used", t

@@ -9,7 +9,6 @@ without waiting for wall-clock seconds."""
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -25,13 +24,16 @@ from flashsale.ops import live
 from flashsale.room import keys as rk
 from flashsale.room import passes
 from flashsale.room.admitter import Admitter
-from flashsale.room.tickets import new_ticket_id
+from flashsale.room.tickets import Draws, lottery_draws, new_ticket_id
 from flashsale.validate import iso
 from flashsale.web.app import Workers
 from tests.commerce import Shop
 from tests.support import Api, eventually, running_app
 
 ROOM = {"admit_per_s": 1000, "pass_seconds": 60}
+# the lottery tests' seeded draws (Settings.room_lottery_seed, lottery_draws): the same
+# draws every run, so a statistical test at 1 % cannot fail 1 % of runs by chance
+LOTTERY_SEED = 20261208
 
 
 def raw(b: Backends) -> Any:
@@ -73,15 +75,18 @@ async def admit_at(b: Backends, sid: str, at_ms: int, batch_max: int = 1) -> int
 
 
 async def join_direct(
-    b: Backends, sid: str, users: list[str], at_ms: int, grace_ms: int = 120_000
+    b: Backends, sid: str, users: list[str], at_ms: int, grace_ms: int = 120_000,
+    draws: Draws | None = None,
 ) -> list[str]:
-    """Tickets taken through the join script itself (fast, for thousands)."""
+    """Tickets taken through the join script itself (fast, for thousands); the
+    lottery's draws from ``draws`` (default: the service's, the CSPRNG)."""
     k = b.keys(sid)
+    draws = draws or lottery_draws(None)
     async with raw(b).pipeline(transaction=False) as pipe:
         for u in users:
             await b.scripts.room_join(
                 keys=rk.join_keys(k),
-                args=[at_ms, u, new_ticket_id(), secrets.randbits(53), 10**6, grace_ms],
+                args=[at_ms, u, new_ticket_id(), draws(), 10**6, grace_ms],
                 client=pipe,
             )
         got = await pipe.execute()
@@ -124,10 +129,23 @@ async def test_fifo_after_the_start(api: Api) -> None:
     assert await admission_order(b, sid) == joined
 
 
-async def test_lottery_before_the_start(api: Api) -> None:
+async def test_lottery_before_the_start(settings: Settings) -> None:
     """2,000 tickets taken before the start are admitted in an order that does
     not follow the join order (|Spearman rho| < 0.1); later arrivals come after
-    them, in arrival order."""
+    them, in arrival order. The front's draws are seeded (room_lottery_seed) and
+    the joins one after another: the same draws reach the script every run."""
+    async with running_app(replace(settings, room_lottery_seed=LOTTERY_SEED)) as api:
+        order, joined, late = await _lottery_of_2000(api)
+    assert order[2000:] == late, "after the start: FIFO, behind the lottery"
+    rank = {t: i for i, t in enumerate(order)}
+    rho = spearman(list(range(2000)), [rank[t] for t in joined])
+    print(f"lottery of 2,000: Spearman rho = {rho:+.4f}")
+    assert abs(rho) < 0.1, rho
+
+
+async def _lottery_of_2000(api: Api) -> tuple[list[str], list[str], list[str]]:
+    """2,000 joins through the API before the start, 3 after; the admission
+    order, the tickets in join order, the late ones."""
     b = api.backends
     starts = datetime.now(UTC) + timedelta(seconds=40)
     sid = await room_sale(api, stock=10_000, starts_at=iso(starts))
@@ -141,12 +159,7 @@ async def test_lottery_before_the_start(api: Api) -> None:
     late = await join_direct(b, sid, ["late-1", "late-2", "late-3"], start_ms + 1)
     for i in range(2003):
         assert await admit_at(b, sid, start_ms + 10 + i) == 1
-    order = await admission_order(b, sid)
-    assert order[2000:] == late, "after the start: FIFO, behind the lottery"
-    rank = {t: i for i, t in enumerate(order)}
-    rho = spearman(list(range(2000)), [rank[t] for t in joined])
-    print(f"lottery of 2,000: Spearman rho = {rho:+.4f}")
-    assert abs(rho) < 0.1, rho
+    return await admission_order(b, sid), joined, late
 
 
 CHI2_1PCT_DOF_49 = 74.919  # chi-square critical value, 49 degrees of freedom, 1 %
@@ -154,9 +167,11 @@ CHI2_1PCT_DOF_49 = 74.919  # chi-square critical value, 49 degrees of freedom, 1
 
 async def test_lottery_favours_no_join_slot(api: Api) -> None:
     """Over 800 lotteries of 8 tickets, the rank each join slot is admitted at
-    is uniform: chi-square of the 8x8 slot-by-rank table at 1 %."""
+    is uniform: chi-square of the 8x8 slot-by-rank table at 1 %. The draws are
+    seeded (the same every run); the order is the real join script's."""
     b = api.backends
     n, runs = 8, 800
+    draws = lottery_draws(LOTTERY_SEED)
     counts = [[0] * n for _ in range(n)]
     future = now_ms() + 3_600_000
     for run in range(runs):
@@ -167,7 +182,8 @@ async def test_lottery_favours_no_join_slot(api: Api) -> None:
             args=[100, 1, 100, future, 0, 60_000, "persist", 1000, 60_000, "2.0", "0"],
         )
         assert int(loaded) == 1
-        joined = await join_direct(b, sid, [f"u{i}" for i in range(n)], future - 1000)
+        joined = await join_direct(b, sid, [f"u{i}" for i in range(n)], future - 1000,
+                                   draws=draws)
         async with raw(b).pipeline(transaction=False) as pipe:
             for i in range(n):
                 await b.scripts.room_admit(
@@ -200,7 +216,7 @@ async def reserve_with(
 ) -> tuple[int, Any]:
     headers = api.buyer(user)
     if pass_ is not None:
-        headers["Flashsale-Pass"] = pass_
+        headers[passes.PASS_HEADER] = pass_
     if key is not None:
         headers["Idempotency-Key"] = key
     status, body, _ = await api.request(
@@ -271,6 +287,29 @@ async def test_a_sale_without_a_room_behaves_as_before(api: Api) -> None:
     assert got["waiting_room"] is None and got["available"] == 2
 
 
+async def test_a_pass_header_on_a_sale_without_a_room_is_ignored(api: Api) -> None:
+    """A sale without a room ignores a Flashsale-Pass header, whatever it holds
+    (garbage, forged, another sale's): 202 as before the room existed. The same
+    garbage on a sale with a room is 403 pass_required, the reservation script's
+    answer (it alone knows whether the sale has a room)."""
+    plain = (await api.create_sale(stock=10, per_user_limit=10))["sale_id"]
+    roomed = await room_sale(api, stock=10)
+    t = await admitted_ticket(api, roomed, "gina")
+    head, mac = t["pass"].split(".")
+    forged = head + "." + ("A" if mac[0] != "A" else "B") + mac[1:]
+    own_sale = passes.sign("another-secret-0123456789", plain, "gina", t["ticket_id"],
+                           now_ms() + 60_000)
+    for label, p in (("garbage", "not-a-pass"), ("empty", ""), ("forged", forged),
+                     ("another sale's", t["pass"]), ("other secret", own_sale)):
+        status, body = await reserve_with(api, plain, "gina", p)
+        assert status == 202, (label, body)
+    status, body = await reserve_with(api, roomed, "gina", "not-a-pass")
+    assert status == 403 and body["error"]["code"] == "pass_required", body
+    assert body["error"]["message"] == "the Flashsale-Pass header is not a pass", body
+    led = await api.ledger(plain)
+    assert led["available"] == 5 and led["pending"] == 5, led
+
+
 async def test_room_settings_are_validated_and_shown(api: Api) -> None:
     bad: Any
     for bad in ({"admit_per_s": 0}, {"admit_per_s": 100_001}, {"admit_per_s": 5, "x": 1},
@@ -312,6 +351,63 @@ async def test_admin_get_and_patch(api: Api) -> None:
         assert status == 400, (bad, body)
     status, _, _ = await api.request("PATCH", path, json={"paused": True})
     assert status == 401
+
+
+# -- polling and the ETA ---------------------------------------------------------------------
+
+
+async def test_poll_after_grows_with_the_position(api: Api) -> None:
+    """2,000 waiting at 1 admission a second: a ticket far back is told to poll
+    less often than one near the front (1 s + 10 ms per ticket ahead, at most
+    30 s), and its heartbeat grace follows (max(3 x poll_after_ms, 30 s))."""
+    b = api.backends
+    sid = await room_sale(api, {"admit_per_s": 1, "pass_seconds": 3600}, stock=10)
+    users = [f"pa-{i}" for i in range(2000)]
+    tickets = await join_direct(b, sid, users, now_ms())
+    got = {}
+    for pos in (0, 10, 100, 1000, 1999):
+        before = now_ms()
+        status, t = await poll(api, sid, tickets[pos], users[pos])
+        assert status == 200 and t["state"] == "waiting" and t["position"] == pos, t
+        got[pos] = t["poll_after_ms"]
+        deadline = await raw(b).zscore(b.keys(sid).room_beats, tickets[pos])
+        assert deadline - before >= max(3 * t["poll_after_ms"], 30_000), (pos, t, deadline)
+    print(f"poll_after_ms by position: {got}")
+    assert got == {0: 1000, 10: 1100, 100: 2000, 1000: 11_000, 1999: 20_990}, got
+    status, t = await join(api, sid, "pa-late")
+    assert status == 201 and t["position"] == 2000 and t["poll_after_ms"] == 21_000, t
+
+
+async def test_eta_is_unknown_while_waiting_on_held_stock(api: Api) -> None:
+    """1 unit, oversubscribe 1: while the only unit is held (available 0, the hold
+    can still come back) a waiting ticket keeps its place, is not sold_out, and
+    its ETA is null (unknown), as is the last place's on the dashboard; once the
+    hold comes back it is admitted."""
+    b = api.backends
+    sid = await room_sale(api, {"admit_per_s": 1000, "pass_seconds": 60, "oversubscribe": 1},
+                          stock=1)
+    first = await admitted_ticket(api, sid, "holder")
+    status, second = await join(api, sid, "patient")
+    assert status == 201 and second["state"] == "waiting", second
+    status, order = await reserve_with(api, sid, "holder", first["pass"])
+    assert status == 202, order
+    assert await Admitter(b).step(sid) == 0
+    status, t = await poll(api, sid, second["ticket_id"], "patient")
+    assert status == 200 and t["state"] == "waiting" and t["position"] == 0, t
+    assert t["eta_seconds"] is None, "available 0, a hold outstanding: nobody can know"
+    snap = await live.snapshot(b)
+    w = next(s for s in snap["sales"] if s["sale"]["sale_id"] == sid)["waiting_room_figures"]
+    assert w["waiting"] == 1 and w["eta_last_low_s"] is None and w["eta_last_high_s"] is None, w
+    assert w["closed"] is False, w
+    # the hold comes back (the buyer cancels): the unit is offered on
+    await api.drain(sid)
+    status, body, _ = await api.request(
+        "POST", f"/api/v1/orders/{order['order_id']}/cancel", headers=api.buyer("holder")
+    )
+    assert status == 200, body
+    assert await Admitter(b).step(sid) == 1
+    status, t = await poll(api, sid, second["ticket_id"], "patient")
+    assert t["state"] == "admitted" and t["pass"], t
 
 
 # -- the rate, abandonment -------------------------------------------------------------------
