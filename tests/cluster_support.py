@@ -90,6 +90,33 @@ class ClusterTopology:
                                     f"in {timeout_s}s: {rep}")
             time.sleep(0.05)
 
+    def roles_agreed(self) -> bool:
+        """Every node's CLUSTER NODES flags each replica "slave" (gossip has
+        spread the roles: a primary denies its vote to a replica it still
+        takes for a primary)."""
+        want = {r.port for rs in self.replicas for r in rs}
+        for x in self.nodes:
+            rows = [line.split() for line in command(x.port, "CLUSTER", "NODES").splitlines()]
+            seen = {int(row[1].split("@")[0].rpartition(":")[2]) for row in rows
+                    if "slave" in row[2].split(",")}
+            if seen != want:
+                return False
+        return True
+
+    def failover(self, shard: int, timeout_s: float = 30.0) -> None:
+        """A manual failover of the shard (CLUSTER FAILOVER on its first
+        replica: it takes over the slots once it has caught up, the primary
+        becomes its replica); the topology's lists follow the swap."""
+        old, new = self.primaries[shard], self.replicas[shard][0]
+        command(new.port, "CLUSTER", "FAILOVER")
+        _until(f"{new.name} promoted", lambda: info(new.port).get("role") == "master", timeout_s)
+        self.primaries[shard], self.replicas[shard][0] = new, old
+        _until("every node seeing the new roles", self.roles_agreed, timeout_s)
+        _until("cluster_state:ok on every node",
+               lambda: all("cluster_state:ok" in command(x.port, "CLUSTER", "INFO")
+                           for x in self.nodes), timeout_s)
+        self.wait_synced(shard, timeout_s)
+
 
 def _start_nodes(base_dir: Path, count: int, extra_args: Sequence[str]) -> list[Node]:
     """``count`` cluster-enabled nodes, each answering PING; a node that could
@@ -148,6 +175,7 @@ def _join(topo: ClusterTopology, timeout_s: float) -> None:
         for r in replicas:  # "Unknown node" until the replica has heard of the primary
             _until(f"{r.name} replicating {p.name}",
                    functools.partial(_replicates, r.port, primary_id), timeout_s)
+    _until("every node seeing the replicas as replicas", topo.roles_agreed, timeout_s)
     _until("cluster_state:ok on every node",
            lambda: all("cluster_state:ok" in command(x.port, "CLUSTER", "INFO")
                        for x in topo.nodes), timeout_s)
