@@ -19,7 +19,7 @@ from pathlib import Path
 
 from redis.crc import key_slot
 
-from flashsale.run.embedded.nodes import LOOPBACK, Node, TopologyError, command, info
+from flashsale.run.embedded.nodes import LOOPBACK, Node, TopologyError, command, info, replicas_ok
 from flashsale.run.embedded.servers import find_redis_server
 
 SLOTS = 16384
@@ -74,21 +74,9 @@ class ClusterTopology:
     def wait_synced(self, shard: int, timeout_s: float = 30.0) -> None:
         """Until the shard's primary sees all its replicas online and counts them
         good for min-replicas-to-write (it takes writes again)."""
-        want = len(self.replicas[shard])
         port = self.primaries[shard].port
-        deadline = time.monotonic() + timeout_s
-        rep: dict[str, str] = {}
-        while True:
-            with contextlib.suppress(TopologyError):
-                rep = info(port)
-                online = sum(1 for k, v in rep.items()
-                             if k.startswith("slave") and "state=online" in v)
-                if online >= want and int(rep.get("min_slaves_good_slaves", online)) >= want:
-                    return
-            if time.monotonic() > deadline:
-                raise TopologyError(f"shard {shard} ({port}): {want} replica(s) not synced "
-                                    f"in {timeout_s}s: {rep}")
-            time.sleep(0.05)
+        _until(f"shard {shard} ({port}): replicas synced",
+               functools.partial(replicas_ok, port, len(self.replicas[shard])), timeout_s)
 
     def roles_agreed(self) -> bool:
         """Every node's CLUSTER NODES flags each replica "slave" (gossip has
