@@ -68,8 +68,10 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# Every test with the chaos marker, wherever it lives (tests/chaos, and the
+# Sentinel and Cluster replica tests in tests/integration); `make test` runs them too.
 chaos: venv servers
-	$(BIN)/pytest -q -m chaos tests/chaos
+	$(BIN)/pytest -q -m chaos tests
 
 # The open-loop load generator (C, bench/openloop/openloop.c): built here, not committed.
 OPENLOOP := bench/openloop/openloop
@@ -87,7 +89,8 @@ soak: venv servers
 	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # A Sentinel topology for trying failover by hand (flashsale/run/embedded/sentinel.py):
-# prints FLASHSALE_REDIS_SENTINELS / _SENTINEL_MASTER; Ctrl-C stops it.
+# prints FLASHSALE_REDIS_SENTINELS / _SENTINEL_MASTER; Ctrl-C stops it. Options
+# with a value in one word, or quoted: make sentinel SENTINEL_ARGS=--replicas=2
 sentinel: venv-runtime servers
 	$(BIN)/python -m flashsale.run.embedded.sentinel $(SENTINEL_ARGS)
 

@@ -10,6 +10,15 @@ covers the writes of the connection it is sent on, so the script and the
 round trip (``reserve_batch`` below; NOSCRIPT reloads and sends again, the
 script never ran).
 
+On Redis Cluster the rule holds per shard: the script and the ``WAIT`` go to
+the node that owns the sale's slot, on one connection of that node's own pool
+(``on_one_connection``): the cluster client's pipeline would send ``WAIT``, a
+keyless command, to every primary and add their answers up. A ``MOVED``
+(the slot's owner changed: a failover or a resharding) patches the client's
+slot map and sends again (the script did not run); a broken link is resolved
+as on one Redis (reserve.py, through the cluster client, which refreshes its
+map on the error).
+
 ``WAIT`` waits for the replication offset of the connection's last write. A
 batch that wrote nothing (only idempotent replays) has no such write, yet a
 replay of an accepted order must not be answered before that order is
@@ -56,10 +65,14 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import asyncpg
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import PipelineCommand
+from redis.exceptions import MovedError, NoScriptError, RedisError
+from redis.typing import EncodableT
 
 from flashsale import errors
 from flashsale.core.backends import Backends
+from flashsale.core.scripts import RedisClient
 
 log = logging.getLogger("flashsale.core.replication")
 
@@ -110,15 +123,16 @@ class Replication:
 
     async def reserve_batch(self, keys: Sequence[Any], args: Sequence[Any]) -> tuple[Any, int]:
         """The reserve_batch script and ``WAIT`` on one connection: (the script's
-        result, the number of replicas that acknowledged its writes). Raises as
+        result, the number of replicas that acknowledged its writes). ``keys[0]``
+        is the sale's key (its slot names the node on Redis Cluster). Raises as
         the script call would (a broken link or a timeout: the reply is lost)."""
         b = self._b
         script = b.scripts.reserve_batch
         for _attempt in range(2):  # NOSCRIPT: load and send again (the script did not run)
-            async with b.redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-                pipe.wait(self.acks, self.timeout_ms)
-                result, acked = await pipe.execute(raise_on_error=False)
+            result, acked = await on_one_connection(b.redis, str(keys[0]), [
+                ("EVALSHA", script.sha, len(keys), *keys, *args),
+                ("WAIT", self.acks, self.timeout_ms),
+            ])
             if isinstance(result, NoScriptError):
                 await b.redis.script_load(script.script)
                 continue
@@ -134,13 +148,16 @@ class Replication:
         """Everything written before now is on ``acks`` replicas (a fence write,
         then WAIT on its connection); False when not in time or on an error."""
         b = self._b
+        k = b.keys(sale_id)
         try:
-            async with b.redis.pipeline(transaction=False) as pipe:
-                pipe.set(b.keys(sale_id).fence, str(int(time.time() * 1000)), px=FENCE_TTL_MS)
-                pipe.wait(self.acks, self.timeout_ms)
-                _ok, acked = await pipe.execute()
+            done, acked = await on_one_connection(b.redis, k.sale, [
+                ("SET", k.fence, str(int(time.time() * 1000)), "PX", FENCE_TTL_MS),
+                ("WAIT", self.acks, self.timeout_ms),
+            ])
         except (RedisError, OSError) as exc:
-            log.warning("replication fence of sale %s failed: %r", sale_id, exc)
+            done = acked = exc
+        if isinstance(done, BaseException) or isinstance(acked, BaseException):
+            log.warning("replication fence of sale %s failed: %r / %r", sale_id, done, acked)
             return False
         return int(acked) >= self.acks
 
@@ -226,3 +243,33 @@ async def forget_accepted(b: Backends, sale_id: str, keyed: Sequence[tuple[str, 
         args=[oid for _user, _key, oid in keyed],
     )
     return int(forgotten)
+
+
+async def on_one_connection(
+    redis: RedisClient, sale_key: str, commands: Sequence[tuple[EncodableT, ...]]
+) -> list[Any]:
+    """``commands`` sent together without MULTI on ONE connection to the server
+    that holds ``sale_key`` (``WAIT`` counts the writes of its own connection):
+    their results in order, a command's error reply as its result. Raises
+    when the link breaks before the first reply.
+
+    Redis Cluster: a pipeline on the sale's node's own pool
+    (``ClusterNode.execute_pipeline``, redis-py's per-node pipeline); a
+    ``MOVED`` reply to the first command (nothing ran there) patches the slot
+    map and sends once again, to the new owner."""
+    if not isinstance(redis, RedisCluster):
+        async with redis.pipeline(transaction=False) as pipe:
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            return list(await pipe.execute(raise_on_error=False))
+    await redis.initialize()  # the first call, or a refresh an earlier error asked for
+    for _attempt in range(2):
+        node = redis.get_node_from_key(sale_key)
+        assert node is not None  # None only when asked for a replica
+        sent = [PipelineCommand(i, *cmd) for i, cmd in enumerate(commands)]
+        await node.execute_pipeline(sent)
+        first = sent[0].result
+        if not isinstance(first, MovedError):
+            return [c.result for c in sent]
+        await redis.nodes_manager.move_slot(first)
+    return [c.result for c in sent]

@@ -27,7 +27,14 @@ Afterwards (load stopped, every key decided, queues drained)
 tests/chaos/history.py checks every operation: lost 0, duplicated 0,
 unexpected 0 (every 503 reserved nothing or its retry accounts for it),
 accepted <= stock, ledger consistent. Each cycle prints a timeline of what the
-buyers heard, per half second.
+buyers heard, per half second. Per cycle, three durations from the fault:
+``no_primary_s``, seconds without a primary (until a replica says it is the
+master: the sentinels promoted it), ``failover_s``, until the sentinels all
+agree on it (they learn it from each other: later), and ``no_reservation_s``,
+until the first 202 of a request sent after the fault (clients follow the
+first sentinel that names the new primary: between the two); and
+``other_masters_at_fault``, the other nodes that said they were a master
+when the fault struck (should be 0: a woken old primary not demoted yet).
 
 With FLASHSALE_REDIS_REPLICA_ACKS=1 (the Sentinel default) all of it must
 hold. With 0 the same runs measure what the acknowledgement buys: under
@@ -55,7 +62,7 @@ from redis.exceptions import RedisError
 
 from flashsale.config import Settings
 from flashsale.core.backends import open_backends
-from flashsale.run.embedded.nodes import LOOPBACK, command, info
+from flashsale.run.embedded.nodes import LOOPBACK, TopologyError, command, info
 from flashsale.run.embedded.sentinel import SentinelTopology
 from flashsale.run.embedded.servers import free_port
 from tests.chaos.conftest import Figures
@@ -91,6 +98,32 @@ async def _create_sale(base: str, stock: int) -> str:
         body: Any = await r.json()
         assert r.status == 201, body
         return str(body["sale_id"])
+
+
+def _masters(topo: SentinelTopology, old_port: int) -> set[int]:
+    """The data nodes other than ``old_port`` that say they are a master (a
+    woken old primary does until the sentinels demote it; never a paused one)."""
+    out = set()
+    for node in topo.data:
+        if node.port != old_port and node.alive and not node.paused:
+            with contextlib.suppress(TopologyError):
+                if info(node.port).get("role") == "master":
+                    out.add(node.port)
+    return out
+
+
+def _wait_promoted(
+    topo: SentinelTopology, old_port: int, already: set[int], timeout_s: float = 60.0
+) -> float:
+    """Until a data node that was a replica at the fault (not in ``already``)
+    says it is a master, promoted by the sentinels: the monotonic time it was
+    first seen so (polled every 20 ms)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _masters(topo, old_port) - already:
+            return time.monotonic()
+        time.sleep(0.02)
+    raise AssertionError(f"no replica promoted within {timeout_s}s: {topo.describe()}")
 
 
 async def _first_accept_after(load: KeyedLoad, t: float, timeout_s: float = 90.0) -> float:
@@ -212,6 +245,7 @@ async def _scenario(
                         try:
                             lag_started = time.monotonic()
                             await asyncio.sleep(LAG_S)
+                            already = _masters(topo, old.port)
                             t0 = time.monotonic()
                             marks["lag"] = lag_started - t0
                             old.kill9()
@@ -220,24 +254,34 @@ async def _scenario(
                         finally:
                             os.kill(consumer.pid, signal.SIGCONT)
                         accepted_in_lag = len(load.accepted_at) - accepted_before
-                        _new, failover_s = await asyncio.to_thread(topo.wait_failover, old.port, 60)
+                        promoted_at = await asyncio.to_thread(
+                            _wait_promoted, topo, old.port, already)
+                        await asyncio.to_thread(topo.wait_failover, old.port, 60)
+                        failover_s = time.monotonic() - t0
                     marks["promoted"] = failover_s
                     await asyncio.to_thread(topo.restart_as_replica, old, 60)
                 elif fault == "kill":
+                    already = _masters(topo, old.port)
                     t0 = time.monotonic()
                     old.kill9()
-                    _new, failover_s = await asyncio.to_thread(topo.wait_failover, old.port, 60)
+                    promoted_at = await asyncio.to_thread(_wait_promoted, topo, old.port, already)
+                    await asyncio.to_thread(topo.wait_failover, old.port, 60)
+                    failover_s = time.monotonic() - t0
                     marks["promoted"] = failover_s
                     await asyncio.to_thread(topo.restart_as_replica, old, 60)
                 else:  # pause past the failover, then let it run again
+                    already = _masters(topo, old.port)
                     t0 = time.monotonic()
                     old.pause()
-                    _new, failover_s = await asyncio.to_thread(topo.wait_failover, old.port, 60)
+                    promoted_at = await asyncio.to_thread(_wait_promoted, topo, old.port, already)
+                    await asyncio.to_thread(topo.wait_failover, old.port, 60)
+                    failover_s = time.monotonic() - t0
                     marks["promoted"] = failover_s
                     await asyncio.sleep(1.0)
                     old.resume()
                     marks["resumed"] = time.monotonic() - t0
                 marks["fault"] = 0.0
+                marks["master"] = promoted_at - t0
                 unavailable_s = await _first_accept_after(load, t0)
                 marks["first_202"] = unavailable_s
                 if fault == "pause":
@@ -246,7 +290,9 @@ async def _scenario(
                     marks["sentinels_ready"] = time.monotonic() - t0
                 print(f"\n{fault} cycle {len(per_cycle) + 1}: "
                       f"{_timeline(load, t0, marks, unavailable_s + 0.5)}", flush=True)
-                cycle: dict[str, Any] = {"failover_s": round(failover_s, 2),
+                cycle: dict[str, Any] = {"other_masters_at_fault": len(already),
+                                         "no_primary_s": round(promoted_at - t0, 2),
+                                         "failover_s": round(failover_s, 2),
                                          "no_reservation_s": round(unavailable_s, 2)}
                 if fault == "lag":
                     cycle["accepted_while_lagging"] = accepted_in_lag
@@ -266,6 +312,8 @@ async def _scenario(
             statuses=dict(load.statuses), undecided=load.undecided,
             resolved_after_503=load.resolved_after_503,
             hot_stock=HOT_STOCK, hot_held=hot_sale.held, per_cycle=per_cycle,
+            no_primary_s_mean=round(
+                sum(c["no_primary_s"] for c in per_cycle) / len(per_cycle), 2),
             no_reservation_s_mean=round(
                 sum(c["no_reservation_s"] for c in per_cycle) / len(per_cycle), 2),
             **verdict.figures(),

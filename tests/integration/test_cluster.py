@@ -1,13 +1,11 @@
 """Redis Cluster: every script runs unchanged because every key of a sale
-shares its hash tag. A real 3-node cluster of child redis-servers."""
+shares its hash tag. A real 3-node cluster of child redis-servers
+(tests/cluster_support.py); and a cluster of 3 primaries each with a replica
+for "acknowledged means replicated" per shard (FLASHSALE_REDIS_REPLICA_ACKS)."""
 
 from __future__ import annotations
 
 import asyncio
-import random
-import shutil
-import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -15,103 +13,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis import Redis
+from redis.asyncio import Redis
 from redis.crc import key_slot
 
+from flashsale.config import Settings
 from flashsale.core.resolve import Resolver
 from flashsale.room.admitter import Admitter
 from flashsale.room.passes import PASS_HEADER
-from flashsale.run.embedded.servers import find_redis_server
+from flashsale.run.embedded.nodes import info
+from tests.chaos.history import History, HttpReader, Outcome
+from tests.cluster_support import ClusterTopology, redis_cluster, shard_of
+from tests.replica_support import STOCK, replica_gone, reserve_until_decided
 from tests.support import Api, running_app, test_settings
 
 NODES = 3
-SLOTS = 16384
-BUS_OFFSET = 10_000
-BUS_PORT_MAX = 65_535 - BUS_OFFSET
-
-
-def _free_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too: Redis
-    Cluster refuses ports above 55535 (measured: kernel-chosen ports above it
-    made nodes exit at start)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port > BUS_PORT_MAX:
-            port = random.randint(20_000, BUS_PORT_MAX)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + BUS_OFFSET))
-        except OSError:
-            continue
-        return port
-
-
-def _cmd(client: Redis, *args: str | int) -> Any:
-    return client.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-def _start_nodes(binary: str, tmp: Path) -> tuple[list[int], list[subprocess.Popen[bytes]]]:
-    """Start the nodes and wait for each to answer; None of them if one died
-    (a port taken between probing and binding): the caller retries."""
-    ports = [_free_port() for _ in range(NODES)]
-    procs = [
-        subprocess.Popen(
-            [binary, "--port", str(p), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-             "--cluster-config-file", str(tmp / f"nodes-{p}.conf"), "--save", "",
-             "--appendonly", "no", "--dir", str(tmp), "--logfile", str(tmp / f"{p}.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for p in ports
-    ]
-    deadline = time.monotonic() + 20
-    for port, proc in zip(ports, procs, strict=True):
-        client = Redis(host="127.0.0.1", port=port)
-        while True:
-            try:
-                client.ping()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    for other in procs:
-                        other.kill()
-                        other.wait()
-                    return [], []
-                time.sleep(0.05)
-    return ports, procs
 
 
 @pytest.fixture(scope="module")
 def cluster_url() -> Iterator[str]:
-    binary = str(find_redis_server())
-    tmp = Path(tempfile.mkdtemp(prefix="flashsale-cluster-"))
-    for _attempt in range(3):
-        ports, procs = _start_nodes(binary, tmp)
-        if ports:
-            break
-    else:
-        raise RuntimeError(f"could not start {NODES} cluster nodes; logs in {tmp}")
-    try:
-        clients = [Redis(host="127.0.0.1", port=p) for p in ports]
-        step = SLOTS // NODES
-        for i, c in enumerate(clients):
-            hi = SLOTS - 1 if i == NODES - 1 else (i + 1) * step - 1
-            _cmd(c, "CLUSTER", "ADDSLOTS", *range(i * step, hi + 1))
-        for p in ports[1:]:
-            _cmd(clients[0], "CLUSTER", "MEET", "127.0.0.1", p)
-        deadline = time.monotonic() + 30
-        while not all(b"cluster_state:ok" in _cmd(c, "CLUSTER", "INFO") for c in clients):
-            if time.monotonic() > deadline:
-                raise RuntimeError("cluster did not become ok")
-            time.sleep(0.1)
-        yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="flashsale-cluster-") as tmp, \
+            redis_cluster(Path(tmp), primaries=NODES) as topo:
+        yield topo.url
 
 
 async def test_sales_across_nodes_reserve_persist_release(
@@ -120,8 +42,8 @@ async def test_sales_across_nodes_reserve_persist_release(
     settings = test_settings(cluster_url, database_url, redis_cluster=True)
     async with running_app(settings) as api:
         sales = [(await api.create_sale(stock=20, per_user_limit=3))["sale_id"] for _ in range(6)]
-        slots = {key_slot(api.backends.keys(s).sale.encode()) // (SLOTS // NODES) for s in sales}
-        assert len(slots) >= 2, "the sales should land on more than one node"
+        shards = {shard_of(api.backends.keys(s).sale, NODES) for s in sales}
+        assert len(shards) >= 2, "the sales should land on more than one node"
         await _spike(api, sales)
         status, body, _ = await api.request("GET", "/readyz")
         assert status == 200, body
@@ -201,7 +123,7 @@ async def test_waiting_room_on_the_cluster(cluster_url: str, database_url: str) 
     async with running_app(settings) as api:
         sales = [(await api.create_sale(stock=1, per_user_limit=2, waiting_room=room))["sale_id"]
                  for _ in range(4)]
-        nodes = {key_slot(api.backends.keys(s).sale.encode()) // (SLOTS // NODES) for s in sales}
+        nodes = {shard_of(api.backends.keys(s).sale, NODES) for s in sales}
         assert len(nodes) >= 2, "the sales should land on more than one node"
         for sid in sales:
             await _join_admit_reserve(api, sid)
@@ -236,3 +158,167 @@ async def _join_admit_reserve(api: Api, sid: str) -> None:
         "GET", f"/api/v1/sales/{sid}/queue/{t['ticket_id']}", headers=buyer
     )
     assert status == 200 and t["state"] == "used", t
+# ------------------------------------------------------------ replica acknowledgement per shard
+
+# as production should run a cluster with replicas: a primary without its
+# replica refuses writes (after 2 s of lag) instead of accepting what a
+# failover would lose (flashsale/core/replication.py)
+REPLICA_ARGS = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "2",
+                "--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0")
+ACK_TIMEOUT_MS = 300
+
+
+@pytest.fixture(scope="module")
+def replicated_cluster() -> Iterator[ClusterTopology]:
+    """3 primaries, each with one replica."""
+    with tempfile.TemporaryDirectory(prefix="flashsale-cluster-r-") as tmp, \
+            redis_cluster(Path(tmp), primaries=NODES, replicas=1, extra_args=REPLICA_ARGS) as topo:
+        yield topo
+
+
+def _acked_settings(topo: ClusterTopology, database_url: str) -> Settings:
+    return test_settings(topo.url, database_url, redis_cluster=True, redis_replica_acks=1,
+                         redis_replica_ack_timeout_ms=ACK_TIMEOUT_MS)
+
+
+async def _sale_per_shard(api: Api, topo: ClusterTopology, shards: int, **fields: Any) -> list[str]:
+    """One new sale on each of the first ``shards`` shards (sale ids are random)."""
+    found: dict[int, str] = {}
+    for _ in range(100):
+        sid = (await api.create_sale(**fields))["sale_id"]
+        found.setdefault(topo.shard_of(api.backends.keys(sid).sale), sid)
+        if len(found) >= shards:
+            return [found[i] for i in sorted(found)][:shards]
+    raise AssertionError(f"sales landed on {len(found)} shard(s) only")
+
+
+def _wait_calls(port: int) -> int:
+    """WAIT commands the node ran (INFO commandstats)."""
+    stat = info(port, "commandstats").get("cmdstat_wait", "calls=0")
+    return int(stat.split(",")[0].partition("=")[2])
+
+
+async def test_replica_acks_wait_on_the_node_that_owns_the_sale(
+    replicated_cluster: ClusterTopology, database_url: str
+) -> None:
+    """FLASHSALE_REDIS_REPLICA_ACKS=1 on a cluster with a replica per shard:
+    a sale on every shard takes its reservations (202); each batch's one WAIT
+    runs on the primary that owns the sale's slot (no other primary counts
+    one), on the script's own connection: right after each 202 the shard's
+    replica already holds the reservation. Before: the setting was refused,
+    and the script and WAIT went through the cluster client's pipeline, which
+    sends WAIT (keyless) to every primary on connections that wrote nothing."""
+    topo = replicated_cluster
+    settings = _acked_settings(topo, database_url)
+    async with running_app(settings) as api:
+        sales = await _sale_per_shard(api, topo, NODES, stock=10, per_user_limit=1)
+        for sid in sales:
+            k = api.backends.keys(sid)
+            shard = topo.shard_of(k.sale)
+            before = [_wait_calls(p.port) for p in topo.primaries]
+            replica = Redis(host="127.0.0.1", port=topo.replicas[shard][0].port,
+                            single_connection_client=True)
+            try:
+                await replica.execute_command("READONLY")  # type: ignore[no-untyped-call]
+                for i in range(3):
+                    status, body = await api.reserve(sid, f"u{i}", 1, key=f"{sid}-{i}")
+                    assert status == 202, body
+                    on_replica = await replica.hget(k.sale, "available")
+                    assert on_replica == str(10 - i - 1).encode(), (shard, i, on_replica)
+            finally:
+                await replica.aclose()
+            waits = [_wait_calls(p.port) - b for p, b in zip(topo.primaries, before, strict=True)]
+            assert waits == [3 if i == shard else 0 for i in range(NODES)], (shard, waits)
+            await api.drain(sid)
+            led = await api.ledger(sid)
+            assert led["consistent"] and led["awaiting_payment"] == 3, led
+
+
+async def test_replica_acks_follow_a_shard_failover(
+    replicated_cluster: ClusterTopology, database_url: str
+) -> None:
+    """A manual failover of the sale's shard (CLUSTER FAILOVER on its replica):
+    the front's slot map still names the old primary, now a replica, which
+    answers the batch script MOVED; the map is patched and the batch sent to
+    the new owner, acknowledged by its new replica (the old primary): 202.
+    Without the MOVED handling the script and WAIT, sent to the node the
+    stale map names, answered 503 until the map was refreshed by something
+    else (nothing in the reservation path does)."""
+    topo = replicated_cluster
+    settings = _acked_settings(topo, database_url)
+    history = History()
+    async with running_app(settings) as api:
+        sid = (await api.create_sale(stock=10, per_user_limit=1))["sale_id"]
+        k = api.backends.keys(sid)
+        shard = topo.shard_of(k.sale)
+        assert (await reserve_until_decided(api, history, sid, "u0", "k0"))[0] is Outcome.OK
+        await asyncio.to_thread(topo.failover, shard)
+        try:
+            new_primary = topo.primaries[shard].port
+            waits_before = _wait_calls(new_primary)
+            after = [await reserve_until_decided(api, history, sid, f"u{i}", f"k{i}", 10.0)
+                     for i in range(1, 4)]
+            waits = _wait_calls(new_primary) - waits_before
+            node = api.backends.redis.get_node_from_key(k.sale)  # type: ignore[union-attr]
+        finally:  # the module's cluster as it was
+            await asyncio.to_thread(topo.failover, shard)
+        await api.drain(sid)
+        led = await api.ledger(sid)
+        verdict = await history.check(HttpReader(api.backends, api.base, settings.admin_token))
+    assert [o for o, _t in after] == [Outcome.OK] * 3, after
+    assert max(t for _o, t in after) < 2.0, after  # the first one at once, not after retries
+    # one WAIT per batch, each on the new owner; the first batch there may be
+    # sent twice: scripts are not replicated, so the promoted replica may
+    # answer NOSCRIPT (loaded, sent again)
+    assert 3 <= waits <= 4, waits
+    assert node is not None and int(node.port) == new_primary
+    assert led["consistent"] and led["awaiting_payment"] == 4, led
+    verdict.assert_valid()
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_shard_replica_gone_503_nothing_reserved(
+    replicated_cluster: ClusterTopology, database_url: str, fault: str
+) -> None:
+    """One shard's replica is killed (its primary refuses the script at once:
+    NOREPLICAS) or paused (SIGSTOP: the batch's WAIT falls short, the batch is
+    released, then NOREPLICAS once the lag passes min-replicas-max-lag): each
+    reservation on a sale of that shard answers 503 "nothing reserved" within
+    the ack timeout and nothing stays held, while another shard's sale still
+    takes reservations; once the replica is back the same keys are accepted
+    (tests/replica_support.py, as for Sentinel)."""
+    topo = replicated_cluster
+    settings = _acked_settings(topo, database_url)
+    history = History()
+    async with running_app(settings) as api:
+        sid, other = await _sale_per_shard(api, topo, 2, stock=STOCK, per_user_limit=1)
+        shard = topo.shard_of(api.backends.keys(sid).sale)
+        replica = topo.replicas[shard][0]
+
+        def restore() -> None:
+            if replica.paused:
+                replica.resume()
+            if not replica.alive:  # comes back empty, a replica again (its nodes.conf)
+                replica.start(replica.argv)
+            topo.wait_synced(shard)
+
+        async def other_shard_serves() -> None:
+            # no key: a key's claim lives in the buyer's own slot (reserve._claim),
+            # which may be on the shard without its replica
+            outcome, reply = await history.reserve(api, other, "elsewhere", 1)
+            assert outcome is Outcome.OK, reply
+
+        try:
+            gone = await replica_gone(api, history, sid, restore=restore,
+                                      fault=replica.kill9 if fault == "kill" else replica.pause,
+                                      during=other_shard_serves)
+        finally:  # the module's cluster stays whole for the next test
+            await asyncio.to_thread(restore)
+        verdict = await history.check(HttpReader(api.backends, api.base, settings.admin_token))
+    gone.assert_nothing_reserved(ACK_TIMEOUT_MS)
+    verdict.assert_valid()
+    assert verdict.accepted_orders == STOCK + 1 and verdict.ok == STOCK + 1
+    if fault == "pause":  # the WAIT path ran: those orders were made and released
+        assert gone.released >= 1, gone.answered
+    print(f"\nshard {shard} replica gone: {gone.answered}")

@@ -27,8 +27,9 @@ from flashsale.run.embedded.nodes import command, info
 from flashsale.run.embedded.sentinel import SentinelTopology
 from tests.chaos.faults import TcpProxy
 from tests.chaos.history import History, HttpReader, Outcome
+from tests.replica_support import STOCK, replica_gone, reserve_until_decided
 from tests.sentinel_support import sentinel_settings, sentinel_topology
-from tests.support import Api, running_app
+from tests.support import running_app
 
 SENTINELS = "127.0.0.1:26379, [::1]:26380,sentinel-3.internal:26381"
 
@@ -50,6 +51,11 @@ def test_sentinel_settings_parse() -> None:
     assert Settings.from_env({
         "FLASHSALE_REDIS_URL": "redis://h:1/0", "FLASHSALE_REDIS_REPLICA_ACKS": "2",
     }).redis_replica_acks == 2
+    # Cluster: off unless set; set, it holds per shard (test_cluster.py)
+    cluster = {"FLASHSALE_REDIS_URL": "redis://h:1/0", "FLASHSALE_REDIS_CLUSTER": "1"}
+    assert Settings.from_env(cluster).redis_replica_acks == 0
+    assert Settings.from_env({**cluster, "FLASHSALE_REDIS_REPLICA_ACKS": "1"}) \
+        .redis_replica_acks == 1
     # the embedded Redis URL never replaces the sentinels
     assert s.with_urls("redis://embedded:1/0", "postgresql://x/y").redis_url is None
 
@@ -69,7 +75,6 @@ def test_sentinel_settings_parse() -> None:
     ({"FLASHSALE_REDIS_REPLICA_ACKS": "one"}, "integer"),
     ({"FLASHSALE_REDIS_REPLICA_ACK_TIMEOUT_MS": "0"}, "between"),
     ({"FLASHSALE_REDIS_REPLICA_ACK_TIMEOUT_MS": "5000"}, "between"),
-    ({"FLASHSALE_REDIS_CLUSTER": "1", "FLASHSALE_REDIS_REPLICA_ACKS": "1"}, "CLUSTER"),
 ])
 def test_sentinel_settings_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError) as exc:
@@ -84,19 +89,6 @@ def topology(tmp_path: Path) -> object:
         yield topo
 
 
-async def _reserve_until_decided(
-    api: Api, history: History, sale_id: str, user: str, key: str, timeout_s: float = 30.0
-) -> tuple[Outcome, float]:
-    """Retry with the same key until a decided answer: (outcome, seconds)."""
-    started = time.monotonic()
-    while True:
-        outcome, reply = await history.reserve(api, sale_id, user, 1, key)
-        if outcome is Outcome.OK or (outcome is Outcome.FAILED and reply.status not in (429, 503)):
-            return outcome, time.monotonic() - started
-        assert time.monotonic() - started < timeout_s, f"{key} undecided: {reply}"
-        await asyncio.sleep(0.1)
-
-
 async def test_front_follows_a_failover_without_restart(
     topology: SentinelTopology, database_url: str
 ) -> None:
@@ -105,13 +97,13 @@ async def test_front_follows_a_failover_without_restart(
     async with running_app(settings) as api:
         sid = (await api.create_sale(stock=50, per_user_limit=5))["sale_id"]
         for i in range(5):
-            outcome, _ = await _reserve_until_decided(api, history, sid, f"u{i}", f"before-{i}")
+            outcome, _ = await reserve_until_decided(api, history, sid, f"u{i}", f"before-{i}")
             assert outcome is Outcome.OK
         await api.drain(sid)
         old = topology.kill_primary()
         new_port, failover_s = topology.wait_failover(old.port)
         topology.restart_as_replica(old)
-        outcome, took_s = await _reserve_until_decided(api, history, sid, "u9", "after-kill")
+        outcome, took_s = await reserve_until_decided(api, history, sid, "u9", "after-kill")
         assert outcome is Outcome.OK
         pool = getattr(api.backends.redis, "connection_pool", None)
         assert getattr(pool, "master_address", None) == ("127.0.0.1", new_port)
@@ -121,6 +113,7 @@ async def test_front_follows_a_failover_without_restart(
     print(f"\nfailover in {failover_s:.2f}s; first 202 after it in {took_s:.2f}s")
 
 
+@pytest.mark.chaos
 @pytest.mark.parametrize("fault", ["kill", "pause"])
 async def test_replica_gone_reservations_503_nothing_reserved(
     topology: SentinelTopology, database_url: str, fault: str
@@ -130,58 +123,35 @@ async def test_replica_gone_reservations_503_nothing_reserved(
     for min-replicas-max-lag, so the scripts run, the batch's WAIT falls short
     and the batch is released, then NOREPLICAS): each reservation answers 503
     "nothing reserved" within the ack timeout, nothing stays held; once the
-    replica is back the same keys are accepted."""
+    replica is back the same keys are accepted (tests/replica_support.py)."""
     timeout_ms = 300
     settings = sentinel_settings(topology, database_url,
                                  redis_replica_ack_timeout_ms=timeout_ms)
     history = History()
-    async with running_app(settings) as api:
-        sid = (await api.create_sale(stock=5, per_user_limit=1))["sale_id"]
-        outcome, _ = await _reserve_until_decided(api, history, sid, "early", "early")
-        assert outcome is Outcome.OK
-        replica = topology.replicas()[0]
-        if fault == "kill":
-            replica.kill9()
-        else:
-            replica.pause()
-        answered: list[tuple[int | None, str | None, float]] = []
-        for i in range(8):  # spans the lag after which the primary refuses writes
-            started = time.monotonic()
-            _outcome, reply = await history.reserve(api, sid, f"gone-{i}", 1, f"gone-{i}")
-            answered.append((reply.status, reply.message, time.monotonic() - started))
-            await asyncio.sleep(0.4)
-        primary = topology.primary()
+    replica, primary = topology.replicas()[0], topology.primary()
+
+    def restore() -> None:
         if fault == "kill":
             topology.restart_as_replica(replica)
         else:
             replica.resume()
             topology.wait_replicas_synced(primary.port, 1)
-        await api.drain(sid)  # voided orders are acked as failed: pending falls back
-        await api.compensate()  # the outbox: releases Redis refused while it had no replica
-        sale = (await api.request("GET", f"/api/v1/sales/{sid}"))[1]
-        ledger = await api.ledger(sid)
-        resumed = [await _reserve_until_decided(api, history, sid, f"gone-{i}", f"gone-{i}")
-                   for i in range(5)]
+
+    async with running_app(settings) as api:
+        sid = (await api.create_sale(stock=STOCK, per_user_limit=1))["sale_id"]
+        gone = await replica_gone(api, history, sid, restore=restore,
+                                  fault=replica.kill9 if fault == "kill" else replica.pause)
         assert info(primary.port)["connected_slaves"] == "1"
         verdict = await history.check(HttpReader(api.backends, api.base, settings.admin_token))
-    statuses = [s for s, _m, _t in answered]
-    assert statuses == [503] * len(answered), answered
-    assert all("nothing was reserved" in (m or "") or "NOREPLICAS" in (m or "")
-               for _s, m, _t in answered), answered
-    assert max(t for _s, _m, t in answered) < timeout_ms / 1000 + 1.0, answered
-    # nothing held by the refused ones (a release Redis refused while it had no
-    # replica -- NOREPLICAS -- is committed in PostgreSQL and finished by the outbox)
-    assert sale["available"] == 4, sale
-    assert ledger["consistent"] is True, ledger
-    assert [o for o, _t in resumed] == [Outcome.OK] * 4 + [Outcome.FAILED]  # stock 5
+    gone.assert_nothing_reserved(timeout_ms)
     verdict.assert_valid()
-    assert verdict.accepted_orders == 5 and verdict.ok == 5
-    voided = sum(1 for _s, m, _t in answered if "nothing was reserved" in (m or ""))
+    assert verdict.accepted_orders == STOCK and verdict.ok == STOCK
     if fault == "pause":  # the WAIT path ran: those orders were made and released
-        assert voided >= 1, answered
-    print(f"\nreplica gone: {answered}")
+        assert gone.released >= 1, gone.answered
+    print(f"\nreplica gone: {gone.answered}")
 
 
+@pytest.mark.chaos
 async def test_promoted_replica_lacking_persisted_writes_is_rebuilt_before_it_reserves(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -217,7 +187,7 @@ async def test_promoted_replica_lacking_persisted_writes_is_rebuilt_before_it_re
             marks["rerouted"] = time.monotonic() - t0
             proxy.delay(120_000, "down")  # held back; its acks still reach the primary
             for i in range(before):
-                outcome, _ = await _reserve_until_decided(api, history, sid, f"b{i}", f"b{i}")
+                outcome, _ = await reserve_until_decided(api, history, sid, f"b{i}", f"b{i}")
                 assert outcome is Outcome.OK
             await api.drain(sid)  # PostgreSQL has them, the watermark names the last
             marks["persisted"] = time.monotonic() - t0
@@ -235,7 +205,7 @@ async def test_promoted_replica_lacking_persisted_writes_is_rebuilt_before_it_re
             # (until then the rebuild is refused and the guard keeps refusing)
             await asyncio.to_thread(topo.restart_as_replica, primary)
             marks["rejoined"] = time.monotonic() - t0
-            after = [await _reserve_until_decided(api, history, sid, f"a{i}", f"a{i}")
+            after = [await reserve_until_decided(api, history, sid, f"a{i}", f"a{i}")
                      for i in range(5)]
             marks["decided"] = time.monotonic() - t0
             verified_after = guard.run_id

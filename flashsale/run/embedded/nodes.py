@@ -73,6 +73,15 @@ def info(port: int, section: str = "replication") -> dict[str, str]:
     return out
 
 
+def replicas_ok(port: int, count: int) -> bool:
+    """The node is a primary with ``count`` replicas online whose lag is within
+    min-replicas-max-lag (good for min-replicas-to-write: it takes writes)."""
+    rep = info(port)
+    online = sum(1 for k, v in rep.items() if k.startswith("slave") and "state=online" in v)
+    good = int(rep.get("min_slaves_good_slaves", online))  # lag within bound
+    return rep.get("role") == "master" and online >= count and good >= count
+
+
 @dataclass
 class Node:
     """One redis-server child: a data node or a sentinel."""

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flashsale.run.embedded.nodes import LOOPBACK, Node, TopologyError, command, info
+from flashsale.run.embedded.nodes import LOOPBACK, Node, TopologyError, command, info, replicas_ok
 from flashsale.run.embedded.servers import find_redis_server, free_port
 
 MASTER_NAME = "flashsale"
@@ -173,11 +173,7 @@ class SentinelTopology:
             with contextlib.suppress(TopologyError):
                 if port is None:
                     raise TopologyError("the sentinels do not agree on a primary")
-                rep = info(port)
-                online = sum(1 for k, v in rep.items()
-                             if k.startswith("slave") and "state=online" in v)
-                good = int(rep.get("min_slaves_good_slaves", online))  # lag within bound
-                if rep.get("role") == "master" and online >= count and good >= count:
+                if replicas_ok(port, count):
                     return
             if time.monotonic() > deadline:
                 raise TopologyError(f"{count} replica(s) not synced at {port} "
