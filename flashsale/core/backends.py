@@ -27,18 +27,22 @@ from flashsale.core.scripts import RedisClient, Scripts
 Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 
-class HiredisPackConnection(Connection):
+class HiredisPack:
     """redis-py's asyncio connection packs every command in Python; with
     hiredis installed (it is, for parsing) redis-py's own C-backed serializer
     gives the same bytes several times faster. Measured in the bench profile:
     packing was most of the client's CPU per reservation batch and per
-    drained row."""
+    drained row. Mixed into each connection class the clients use."""
 
     _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
         return packed
+
+
+class HiredisPackConnection(HiredisPack, Connection):
+    """A plain connection that packs commands with hiredis (``HiredisPack``)."""
 
 
 class RedisUnverified(RedisConnectionError):
@@ -91,16 +95,10 @@ def server_run_id(info: object) -> str:
     return ""
 
 
-class HiredisPackSentinelConnection(SentinelManagedConnection):
+class HiredisPackSentinelConnection(HiredisPack, SentinelManagedConnection):
     """A Sentinel-managed connection (it asks the sentinels for the primary on
     every connect, so a failover is followed by the next reconnect) that packs
-    commands like HiredisPackConnection."""
-
-    _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
-
-    def pack_command(self, *args: EncodableT) -> list[bytes]:
-        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
-        return packed
+    commands with hiredis (``HiredisPack``)."""
 
 
 def as_text(raw: bytes | str) -> str:

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
@@ -223,8 +223,7 @@ def released(raw: list[Any]) -> list[int]:
     return [int(q) for q in raw]
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLettered:
+class DeadLettered(NamedTuple):
     """dead_letter-6.lua: whether the entry moved to the dead-letter stream, and
     the quantity its hold gave back (both 0 when it was no longer pending)."""
 
