@@ -13,7 +13,8 @@ import asyncpg
 
 from flashsale import errors, validate
 from flashsale.core import record, release
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.backends import Backends
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 
 ORDER_COLUMNS = (

@@ -49,7 +49,8 @@ from redis.exceptions import RedisError
 from flashsale import errors, validate
 from flashsale.commerce import orders, payment_inbox
 from flashsale.core import events, release
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.backends import Backends
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASED
 from flashsale.schemas.bodies import WebhookEvent

@@ -14,7 +14,8 @@ from datetime import datetime
 
 import asyncpg
 
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.backends import Backends
+from flashsale.core.clients import Conn
 
 INBOX_BACKOFF_DOUBLINGS_MAX = 30  # 2**30 x base is far past any cap: no float overflow
 ERROR_MAX_CHARS = 500

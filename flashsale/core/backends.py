@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeAlias
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
@@ -23,8 +21,6 @@ from redis.utils import HIREDIS_AVAILABLE
 from flashsale.config import Settings
 from flashsale.core.keys import SaleKeys
 from flashsale.core.scripts import RedisClient, Scripts
-
-Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
 
 class HiredisPack:
@@ -99,11 +95,6 @@ class HiredisPackSentinelConnection(HiredisPack, SentinelManagedConnection):
     """A Sentinel-managed connection (it asks the sentinels for the primary on
     every connect, so a failover is followed by the next reconnect) that packs
     commands with hiredis (``HiredisPack``)."""
-
-
-def as_text(raw: bytes | str) -> str:
-    """A Redis reply as text: the client hands replies over undecoded (bytes)."""
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 @dataclass(frozen=True, slots=True)

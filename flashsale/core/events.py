@@ -26,7 +26,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.core.record import Order
 from flashsale.core.statuses import DomainEventType
 

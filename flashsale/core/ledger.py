@@ -18,7 +18,8 @@ import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
 from flashsale.core import live_sales, sales
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.core.scripts import Rebuilt
 from flashsale.core.statuses import HOLDING, PERSISTED, RELEASED
 from flashsale.room.settings import RoomSettings

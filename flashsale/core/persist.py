@@ -29,7 +29,8 @@ import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
 from flashsale.core import dead_letters, events, live_sales, record, release
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.core.deduct import persist_batch, refused, transient
 from flashsale.core.record import Order
 from flashsale.ops.metrics import Metrics

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from flashsale.core.backends import Conn, as_text
+from flashsale.core.clients import Conn, as_text
 from flashsale.validate import ORDER_ID_RE, iso_ms
 
 STREAM_ORDER_ID = b"o"  # the stream entry's fields: the order id, and the record

@@ -33,7 +33,8 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale.core import events, record, scripts
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.backends import Backends
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASABLE
 

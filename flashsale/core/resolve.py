@@ -26,7 +26,8 @@ from redis.exceptions import NoScriptError, RedisError
 
 from flashsale import errors
 from flashsale.core import release
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.core.outcomes import (
     NOT_RESERVED,
     OUTCOME_UNKNOWN,

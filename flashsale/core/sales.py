@@ -21,7 +21,8 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.core.backends import Backends, Conn, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import Conn, as_text
 from flashsale.core.scripts import Ended, Loaded, Restocked
 from flashsale.core.statuses import SaleStatus
 from flashsale.room.settings import RoomSettings, public_of_row

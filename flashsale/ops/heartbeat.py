@@ -19,7 +19,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 
 log = logging.getLogger("flashsale.ops.heartbeat")
 

@@ -21,7 +21,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.ops.metrics import LATENCY_BUCKETS_S, Metrics
 
 log = logging.getLogger("flashsale.ops.stats")
