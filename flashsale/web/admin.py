@@ -20,7 +20,7 @@ from flashsale.core import sales
 from flashsale.ops.stats import StatsFlusher
 from flashsale.web import events_stream
 from flashsale.web.keys import AUTH, BACKENDS, METRICS
-from flashsale.web.middleware import json_response
+from flashsale.web.replies import json_response
 
 STATIC = Path(__file__).resolve().parent / "static"
 # the page runs only its own script and talks only to this origin

@@ -12,7 +12,7 @@ from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
 from flashsale.web.admin import PAGE_HEADERS, STATIC
 from flashsale.web.keys import BACKENDS
-from flashsale.web.middleware import json_response
+from flashsale.web.replies import json_response
 from flashsale.web.routes import _missing_in_redis, admin, buyer, read_body
 
 PASS_HEADER = "Flashsale-Pass"
