@@ -31,9 +31,12 @@ sale_not_active, and its body's ``available`` falls back to PostgreSQL's
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncpg
 
-from flashsale.core.backends import Backends
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 # order statuses whose hold is still open (paid or expired later)
 OPEN_HOLDS = ("awaiting_payment",)

@@ -27,16 +27,18 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale.core import events, record, scripts
-from flashsale.core.backends import Backends
 from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASABLE
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.core.release")
 

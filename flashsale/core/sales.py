@@ -21,7 +21,6 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.core.backends import Backends
 from flashsale.core.clients import Conn, as_text
 from flashsale.core.scripts import Ended, Loaded, Restocked
 from flashsale.core.statuses import SaleStatus
@@ -29,6 +28,7 @@ from flashsale.room.settings import RoomSettings, public_of_row
 from flashsale.schemas import bounds
 
 if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
     from flashsale.schemas.bodies import SaleCreate
 
 log = logging.getLogger("flashsale.core.sales")

@@ -17,13 +17,15 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from flashsale.core.backends import Backends
 from flashsale.core.clients import as_text
 from flashsale.ops.metrics import LATENCY_BUCKETS_S, Metrics
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.ops.stats")
 
