@@ -28,10 +28,8 @@ frees whole stream nodes instead of an XDEL per entry. Checks first, writes last
 the key types and the pending counter are validated before the first XACK,
 so no command after it can fail.
 ]]
-local function int(v)
-  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
-  return tonumber(v)
-end
+-- @include "lib/checks.lua"
+-- @include "lib/stream.lua"
 
 -- checks
 if #ARGV < 1 or ARGV[1] == '' or (#ARGV - 1) % 3 ~= 0 then
@@ -45,18 +43,12 @@ for i = 2, #ARGV, 3 do
   end
   qtys[i] = qty
 end
-for _, c in ipairs({{KEYS[2], 'hash', 'pending'}, {KEYS[3], 'stream', 'stream'}}) do
-  local t = redis.call('TYPE', c[1])['ok']
-  if t ~= 'none' and t ~= c[2] then
-    return redis.error_reply('ERR ' .. c[3] .. ' key holds a ' .. t)
-  end
-end
+local err = key_types({{KEYS[2], 'hash', 'pending'}, {KEYS[3], 'stream', 'stream'}})
+if err then return err end
 local live = redis.call('EXISTS', KEYS[1]) == 1
 if live then
-  local pending = redis.call('HGET', KEYS[1], 'pending')
-  if pending and not int(pending) then
-    return redis.error_reply('ERR pending of ' .. KEYS[1] .. ' is not an integer')
-  end
+  err = counter(KEYS[1], 'pending', redis.call('HGET', KEYS[1], 'pending'))
+  if err then return err end
 end
 -- writes
 local acked = 0
@@ -68,21 +60,5 @@ for i = 2, #ARGV, 3 do
     acked = acked + 1
   end
 end
-if acked > 0 then
-  local oldest = redis.call('XPENDING', KEYS[3], ARGV[1])[2]
-  if oldest then
-    redis.call('XTRIM', KEYS[3], 'MINID', oldest)
-  else
-    local last = nil
-    for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[3])) do
-      local f = {}
-      for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
-      if f['name'] == ARGV[1] then last = f['last-delivered-id'] end
-    end
-    if last then
-      redis.call('XTRIM', KEYS[3], 'MINID', last)
-      redis.call('XDEL', KEYS[3], last)
-    end
-  end
-end
+if acked > 0 then trim_acked(KEYS[3], ARGV[1]) end
 return acked

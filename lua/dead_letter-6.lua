@@ -37,21 +37,8 @@ ack_persisted trims it (below the oldest entry still pending, or up to the
 last delivered one when none is): entries acked above this one while it was
 retried go with it.
 ]]
-local function int(v)
-  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
-  return tonumber(v)
-end
-local function kind(key, want, what)
-  local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= want then
-    return redis.error_reply('ERR ' .. what .. ' key holds a ' .. t)
-  end
-end
-local function counter(key, field, value)  -- a hash field HINCRBY may change (absent = 0)
-  if value and not int(value) then
-    return redis.error_reply('ERR ' .. field .. ' of ' .. key .. ' is not an integer')
-  end
-end
+-- @include "lib/checks.lua"
+-- @include "lib/stream.lua"
 
 -- checks: arguments
 local group, entry_id, order_id = ARGV[1], ARGV[2], ARGV[3]
@@ -63,37 +50,24 @@ if not qty or qty < 0 then return redis.error_reply('ERR bad quantity') end
 local maxlen = int(ARGV[7])
 if not maxlen or maxlen < 1 then return redis.error_reply('ERR bad max length') end
 -- checks: is the entry pending in the group?
-local err = kind(KEYS[5], 'stream', 'stream')
+local err = key_types({{KEYS[5], 'stream', 'stream'}})
 if err then return err end
-if redis.call('EXISTS', KEYS[5]) == 0 then return {0, 0} end
-local has_group = false
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[5])) do
-  for j = 1, #g, 2 do
-    if g[j] == 'name' and g[j + 1] == group then has_group = true end
-  end
-end
-if not has_group then return {0, 0} end
+if not group_exists(KEYS[5], group) then return {0, 0} end
 if #redis.call('XPENDING', KEYS[5], group, entry_id, entry_id, 1) == 0 then return {0, 0} end
 -- checks: every key written and every value read
-for _, c in ipairs({{KEYS[2], 'hash', 'users'}, {KEYS[3], 'hash', 'holds'},
-                    {KEYS[4], 'hash', 'pending'}, {KEYS[6], 'stream', 'dead-letter'}}) do
-  err = kind(c[1], c[2], c[3])
-  if err then return err end
-end
+err = key_types({{KEYS[2], 'hash', 'users'}, {KEYS[3], 'hash', 'holds'},
+                 {KEYS[4], 'hash', 'pending'}, {KEYS[6], 'stream', 'dead-letter'}})
+if err then return err end
 local live = redis.call('EXISTS', KEYS[1]) == 1
 local released, user = 0, nil
 if live then
   local f = redis.call('HMGET', KEYS[1], 'available', 'pending')
   err = counter(KEYS[1], 'available', f[1]) or counter(KEYS[1], 'pending', f[2])
   if err then return err end
-  local hold = order_id ~= '' and redis.call('HGET', KEYS[3], order_id)
-  if hold then
-    local sep = string.find(hold, ':', 1, true)
-    released = sep and int(string.sub(hold, 1, sep - 1))
-    if not released or released < 1 or sep == #hold then
-      return redis.error_reply('ERR malformed hold of ' .. order_id)
-    end
-    user = string.sub(hold, sep + 1)
+  local held = order_id ~= '' and redis.call('HGET', KEYS[3], order_id)
+  if held then
+    released, user = hold(held)
+    if not released then return redis.error_reply('ERR malformed hold of ' .. order_id) end
     err = counter(KEYS[2], user, redis.call('HGET', KEYS[2], user))
     if err then return err end
   end
@@ -114,19 +88,7 @@ end
 redis.call('XADD', KEYS[6], 'MAXLEN', '~', maxlen, '*', 'entry', entry_id, 'o', order_id,
   'q', ARGV[4], 'reason', ARGV[5], 'raw', ARGV[6])
 redis.call('XDEL', KEYS[5], entry_id)
-local oldest = redis.call('XPENDING', KEYS[5], group)[2]
-if oldest then
-  redis.call('XTRIM', KEYS[5], 'MINID', oldest)
-else
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[5])) do
-    local f = {}
-    for j = 1, #g, 2 do f[g[j]] = g[j + 1] end
-    if f['name'] == group then
-      redis.call('XTRIM', KEYS[5], 'MINID', f['last-delivered-id'])
-      redis.call('XDEL', KEYS[5], f['last-delivered-id'])
-    end
-  end
-end
+trim_acked(KEYS[5], group)
 -- an unreadable entry counts 0: never pass -0, which HINCRBY refuses
 if live and qty > 0 then redis.call('HINCRBY', KEYS[1], 'pending', -qty) end
 return {1, released}

@@ -20,19 +20,8 @@ before a consumer starts is missed). Checks first, writes last: the
 arguments are validated and the group looked up (XINFO GROUPS) before the
 first write, so no error can leave a sale without its group.
 ]]
-local function int(v)
-  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
-  return tonumber(v)
-end
-local function group_exists(stream, group)
-  if redis.call('EXISTS', stream) == 0 then return false end
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
-    for j = 1, #g, 2 do
-      if g[j] == 'name' and g[j + 1] == group then return true end
-    end
-  end
-  return false
-end
+-- @include "lib/checks.lua"
+-- @include "lib/stream.lua"
 
 -- checks
 local stock, limit, price = int(ARGV[1]), int(ARGV[2]), int(ARGV[3])
@@ -48,10 +37,8 @@ if (#ARGV ~= 7 and not room) or not (stock and stock >= 0 and limit and limit >=
   return redis.error_reply('ERR bad arguments')
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t ~= 'none' and t ~= 'stream' then
-  return redis.error_reply('ERR stream key holds a ' .. t)
-end
+local err = key_types({{KEYS[2], 'stream', 'stream'}})
+if err then return err end
 local has_group = group_exists(KEYS[2], ARGV[7])
 
 -- writes

@@ -44,10 +44,8 @@ Guarantee: checks first, writes last. Every argument, every hold and pending
 record Redis has, the key types and the group's existence (XINFO GROUPS) are
 checked before the first write, so a refused rebuild changes nothing.
 ]]
-local function int(v)
-  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
-  return tonumber(v)
-end
+-- @include "lib/checks.lua"
+-- @include "lib/stream.lua"
 
 -- checks: arguments
 local stock, limit, price = int(ARGV[1]), int(ARGV[2]), int(ARGV[3])
@@ -81,27 +79,17 @@ for i = m_at + m + 1, #ARGV do
   if ARGV[i] == '' then return redis.error_reply('ERR bad arguments') end
 end
 -- checks: the keys
-local types = {{KEYS[1], 'hash', 'sale'}, {KEYS[2], 'hash', 'users'}, {KEYS[3], 'hash', 'holds'},
-               {KEYS[4], 'hash', 'pending'}, {KEYS[5], 'stream', 'stream'},
-               {KEYS[6], 'set', 'restocks'}}
-for _, c in ipairs(types) do
-  local t = redis.call('TYPE', c[1])['ok']
-  if t ~= 'none' and t ~= c[2] then
-    return redis.error_reply('ERR ' .. c[3] .. ' key holds a ' .. t)
-  end
-end
-local has_group, last_ms, last_seq = false, 0, 0
+local err = key_types({{KEYS[1], 'hash', 'sale'}, {KEYS[2], 'hash', 'users'},
+                       {KEYS[3], 'hash', 'holds'}, {KEYS[4], 'hash', 'pending'},
+                       {KEYS[5], 'stream', 'stream'}, {KEYS[6], 'set', 'restocks'}})
+if err then return err end
+local has_group, last_ms, last_seq = group_exists(KEYS[5], group), 0, 0
 if redis.call('EXISTS', KEYS[5]) == 1 then
   local info = redis.call('XINFO', 'STREAM', KEYS[5])
   for j = 1, #info, 2 do
     if info[j] == 'last-generated-id' then
       local ms, seq = string.match(info[j + 1], '^(%d+)%-(%d+)$')
       last_ms, last_seq = tonumber(ms), tonumber(seq)
-    end
-  end
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[5])) do
-    for j = 1, #g, 2 do
-      if g[j] == 'name' and g[j + 1] == group then has_group = true end
     end
   end
 end
@@ -111,14 +99,11 @@ if existed and not behind then return 0 end
 -- checks: what Redis still holds, and its pending orders
 local redis_holds = redis.call('HGETALL', KEYS[3])
 for i = 1, #redis_holds, 2 do
-  local oid, v = redis_holds[i], redis_holds[i + 1]
-  local sep = string.find(v, ':', 1, true)
-  local qty = sep and int(string.sub(v, 1, sep - 1))
-  if not qty or qty < 1 or sep == #v then
-    return redis.error_reply('ERR malformed hold of ' .. oid)
-  end
+  local oid = redis_holds[i]
+  local qty, user = hold(redis_holds[i + 1])
+  if not qty then return redis.error_reply('ERR malformed hold of ' .. oid) end
   if not holds[oid] and not released[oid] then
-    holds[oid] = {qty, string.sub(v, sep + 1)}
+    holds[oid] = {qty, user}
     order[#order + 1] = oid
   end
 end

@@ -20,15 +20,7 @@ compensator crash, two compensators, an order id twice in one call) returns
 stock exactly once. Checks first, writes last: every hold, every held count
 and `available` are read and validated before the first write.
 ]]
-local function int(v)
-  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
-  return tonumber(v)
-end
-local function counter(key, field, value)  -- a hash field HINCRBY may change (absent = 0)
-  if value and not int(value) then
-    return redis.error_reply('ERR ' .. field .. ' of ' .. key .. ' is not an integer')
-  end
-end
+-- @include "lib/checks.lua"
 
 if #ARGV == 0 then return redis.error_reply('ERR no order ids') end
 local out = {}
@@ -41,15 +33,11 @@ local err = counter(KEYS[1], 'available', redis.call('HGET', KEYS[1], 'available
 if err then return err end
 local qtys, users, seen = {}, {}, {}
 for i = 1, #ARGV do
-  local hold = (not seen[ARGV[i]]) and redis.call('HGET', KEYS[3], ARGV[i])
+  local held = (not seen[ARGV[i]]) and redis.call('HGET', KEYS[3], ARGV[i])
   seen[ARGV[i]] = true
-  if hold then
-    local sep = string.find(hold, ':', 1, true)
-    local qty = sep and int(string.sub(hold, 1, sep - 1))
-    if not qty or qty < 1 or sep == #hold then
-      return redis.error_reply('ERR malformed hold of ' .. ARGV[i])
-    end
-    qtys[i], users[i] = qty, string.sub(hold, sep + 1)
+  if held then
+    qtys[i], users[i] = hold(held)
+    if not qtys[i] then return redis.error_reply('ERR malformed hold of ' .. ARGV[i]) end
     err = counter(KEYS[2], users[i], redis.call('HGET', KEYS[2], users[i]))
     if err then return err end
   end

@@ -64,6 +64,7 @@ at most once, and never after it was voided; one pass reserves at most one
 order; each accepted order is in holds, pending and the stream (the same
 record in both), all written together.
 ]]
+-- @include "lib/replies.lua"
 
 local sale_key, users_key, holds_key, pending_key, stream_key, void_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
@@ -72,14 +73,8 @@ local now_ms = tonumber(ARGV[1])
 local idem_ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 
+if redis.call('EXISTS', sale_key) == 0 then return sale_missing(n) end
 local out = {}
-if redis.call('EXISTS', sale_key) == 0 then
-  for i = 1, n do
-    out[#out + 1] = -1
-    out[#out + 1] = ''
-  end
-  return out
-end
 
 local f = redis.call('HMGET', sale_key, 'available', 'limit', 'price', 'starts_ms', 'ends_ms', 'hold_ms',
   'room')

@@ -31,14 +31,11 @@ Error (nothing written): "ERR malformed hold of <order_id>".
 Guarantee: one atomic step per call, so an order id is either reserved before
 it or void after it -- never reserved after an answer of void.
 ]]
+-- @include "lib/checks.lua"
+-- @include "lib/replies.lua"
+
+if redis.call('EXISTS', KEYS[1]) == 0 then return sale_missing(#ARGV - 2) end
 local out = {}
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  for i = 3, #ARGV do
-    out[#out + 1] = -1
-    out[#out + 1] = ''
-  end
-  return out
-end
 local now_ms = tonumber(ARGV[1])
 local keep_ms = tonumber(ARGV[2])
 local f = redis.call('HMGET', KEYS[1], 'price', 'hold_ms')
@@ -46,14 +43,10 @@ local price, hold_ms = tonumber(f[1]), tonumber(f[2])
 -- checks: read and parse every hold before the first write
 local qtys = {}
 for i = 3, #ARGV do
-  local hold = redis.call('HGET', KEYS[2], ARGV[i])
-  if hold then
-    local sep = string.find(hold, ':', 1, true)
-    local qty = sep and tonumber(string.sub(hold, 1, sep - 1))
-    if not qty then
-      return redis.error_reply('ERR malformed hold of ' .. ARGV[i])
-    end
-    qtys[i] = qty
+  local held = redis.call('HGET', KEYS[2], ARGV[i])
+  if held then
+    qtys[i] = hold(held)
+    if not qtys[i] then return redis.error_reply('ERR malformed hold of ' .. ARGV[i]) end
   end
 end
 -- writes

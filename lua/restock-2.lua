@@ -15,10 +15,7 @@ Guarantee: a restock row is applied to Redis exactly once however often the
 front or the compensator retries it. Checks first, writes last: the id is
 recorded only in the step that adds the quantity, never alone.
 ]]
-local function int(v)
-  if type(v) ~= 'string' or #v > 15 or not string.match(v, '^-?%d+$') then return nil end
-  return tonumber(v)
-end
+-- @include "lib/checks.lua"
 
 -- checks
 local id, qty = int(ARGV[1]), int(ARGV[2])
@@ -27,13 +24,9 @@ if #ARGV ~= 2 or not id or id < 1 or not qty or qty < 1 then
 end
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local f = redis.call('HMGET', KEYS[1], 'stock', 'available')
-for i, field in ipairs({'stock', 'available'}) do
-  if f[i] and not int(f[i]) then
-    return redis.error_reply('ERR ' .. field .. ' of ' .. KEYS[1] .. ' is not an integer')
-  end
-end
-local t = redis.call('TYPE', KEYS[2])['ok']
-if t ~= 'none' and t ~= 'set' then return redis.error_reply('ERR restocks key holds a ' .. t) end
+local err = counter(KEYS[1], 'stock', f[1]) or counter(KEYS[1], 'available', f[2])
+  or key_types({{KEYS[2], 'set', 'restocks'}})
+if err then return err end
 if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
 -- writes
 redis.call('SADD', KEYS[2], ARGV[1])

@@ -24,6 +24,7 @@ from flashsale.core.outcomes import Accepted
 from flashsale.core.persist import Persister
 from flashsale.core.reserve import Reserver
 from flashsale.ops.metrics import Metrics
+from flashsale.run import roles
 from flashsale.web import front
 from flashsale.web.app import Workers, create_app
 from flashsale.web.keys import BACKENDS
@@ -167,7 +168,7 @@ async def fresh_database(
 @asynccontextmanager
 async def running_app(settings: Settings, workers: Workers | None = None) -> AsyncIterator[Api]:
     """The app served as `flashsale serve` serves it (flashsale.web.front), on a free port."""
-    app = create_app(settings, workers)
+    app = create_app(settings, workers, roles.loops)
     runner = await front.start(app, settings, "127.0.0.1", 0)
     try:
         async with ClientSession() as session:

@@ -7,14 +7,17 @@ unknown id.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from flashsale import errors, validate
 from flashsale.core import record, release
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 ORDER_COLUMNS = (
     "order_id, sale_id, user_id, quantity, amount_cents, status, expires_at, "

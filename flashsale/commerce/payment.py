@@ -40,7 +40,7 @@ import logging
 import secrets
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import orjson
@@ -49,11 +49,14 @@ from redis.exceptions import RedisError
 from flashsale import errors, validate
 from flashsale.commerce import orders, payment_inbox
 from flashsale.core import events, release
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASED
 from flashsale.schemas.bodies import WebhookEvent
 from flashsale.schemas.decode import BodyReader
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.commerce.payment")
 

@@ -11,10 +11,14 @@ table's statements; the webhook logic is commerce/payment.py's.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 
-from flashsale.core.backends import Backends, Conn
+from flashsale.core.clients import Conn
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 INBOX_BACKOFF_DOUBLINGS_MAX = 30  # 2**30 x base is far past any cap: no float overflow
 ERROR_MAX_CHARS = 500

@@ -27,13 +27,16 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flashsale.commerce import payment
 from flashsale.commerce.breaker import CircuitOpen
 from flashsale.commerce.integrations import Integrations
 from flashsale.commerce.logistics import Booking
 from flashsale.core import events, release
-from flashsale.core.backends import Backends
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.commerce.saga")
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TypeAlias
 
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import Connection
 from redis.asyncio.retry import Retry
@@ -24,21 +22,23 @@ from flashsale.config import Settings
 from flashsale.core.keys import SaleKeys
 from flashsale.core.scripts import RedisClient, Scripts
 
-Conn: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
 
-
-class HiredisPackConnection(Connection):
+class HiredisPack:
     """redis-py's asyncio connection packs every command in Python; with
     hiredis installed (it is, for parsing) redis-py's own C-backed serializer
     gives the same bytes several times faster. Measured in the bench profile:
     packing was most of the client's CPU per reservation batch and per
-    drained row."""
+    drained row. Mixed into each connection class the clients use."""
 
     _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
 
     def pack_command(self, *args: EncodableT) -> list[bytes]:
         packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
         return packed
+
+
+class HiredisPackConnection(HiredisPack, Connection):
+    """A plain connection that packs commands with hiredis (``HiredisPack``)."""
 
 
 class RedisUnverified(RedisConnectionError):
@@ -91,21 +91,10 @@ def server_run_id(info: object) -> str:
     return ""
 
 
-class HiredisPackSentinelConnection(SentinelManagedConnection):
+class HiredisPackSentinelConnection(HiredisPack, SentinelManagedConnection):
     """A Sentinel-managed connection (it asks the sentinels for the primary on
     every connect, so a failover is followed by the next reconnect) that packs
-    commands like HiredisPackConnection."""
-
-    _serializer = HiredisRespSerializer()  # type: ignore[no-untyped-call]  # untyped in redis-py 8
-
-    def pack_command(self, *args: EncodableT) -> list[bytes]:
-        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]  # stub says List
-        return packed
-
-
-def as_text(raw: bytes | str) -> str:
-    """A Redis reply as text: the client hands replies over undecoded (bytes)."""
-    return raw.decode() if isinstance(raw, bytes) else raw
+    commands with hiredis (``HiredisPack``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 from flashsale.commerce import payment
 from flashsale.core import live_sales, record, release, sales
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.ops import logs
 from flashsale.ops.metrics import Metrics
 

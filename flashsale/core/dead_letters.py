@@ -16,6 +16,7 @@ from flashsale.core import record, release
 from flashsale.core.backends import Backends
 from flashsale.core.deduct import refused
 from flashsale.core.record import Order
+from flashsale.core.scripts import DeadLettered
 from flashsale.ops import logs
 from flashsale.ops.metrics import Metrics
 
@@ -67,16 +68,17 @@ async def dead_letter(
 ) -> None:
     k = b.keys(sale_id)
     raw = repr(fields) if fields else (repr(entry) if entry else "")
-    order_id = entry.order_id if entry else fields.get(b"o", b"").decode(errors="replace")
-    moved, released = await b.scripts.dead_letter(
+    order_id = (entry.order_id if entry
+                else fields.get(record.STREAM_ORDER_ID, b"").decode(errors="replace"))
+    moved, released = DeadLettered.of(await b.scripts.dead_letter(
         keys=[k.sale, k.users, k.holds, k.pending, k.stream, k.dlq],
         args=[
             b.settings.consumer_group, entry_id, order_id,
             entry.quantity if entry else record.quantity_of(fields), reason[:500],
             raw[:2000], DLQ_MAXLEN,
         ],
-    )
-    if int(moved):
+    ))
+    if moved:
         with logs.context(sale=sale_id, order=order_id):
             log.error("dead-lettered %s (%s); released %s", entry_id, reason, released)
         m.dead_lettered.inc()

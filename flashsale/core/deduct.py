@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale.core import record, release
-from flashsale.core.backends import Conn
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 from flashsale.core.sales import stream_pos
 

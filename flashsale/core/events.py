@@ -22,13 +22,16 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import ResponseError
 
-from flashsale.core.backends import Backends, as_text
-from flashsale.core.record import Order
+from flashsale.core.clients import as_text
 from flashsale.core.statuses import DomainEventType
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
+    from flashsale.core.record import Order
 
 log = logging.getLogger("flashsale.core.events")
 notify_log = logging.getLogger("flashsale.notify")

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
 from flashsale.core import live_sales, sales
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.clients import as_text
 from flashsale.core.scripts import Rebuilt
 from flashsale.core.statuses import HOLDING, PERSISTED, RELEASED
 from flashsale.room.settings import RoomSettings
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.core.ledger")
 

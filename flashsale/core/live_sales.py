@@ -33,10 +33,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import asyncpg
 
-from flashsale.core.backends import Backends
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 # order statuses whose hold is still open (paid or expired later)
 OPEN_HOLDS = ("awaiting_payment",)

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from flashsale.core.backends import Conn
+from flashsale.core.clients import Conn
 
 _PKG = Path(__file__).resolve().parents[1]  # the flashsale package
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

@@ -28,8 +28,8 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError, ResponseError
 
-from flashsale.core import dead_letters, events, live_sales, record, release
-from flashsale.core.backends import Backends, as_text
+from flashsale.core import clients, dead_letters, events, live_sales, record, release
+from flashsale.core.backends import Backends
 from flashsale.core.deduct import persist_batch, refused, transient
 from flashsale.core.record import Order
 from flashsale.ops import logs
@@ -119,7 +119,7 @@ class Persister:
             return 0
         batch: list[tuple[str, str, dict[bytes, bytes]]] = []
         for stream, items in resp or []:
-            key = as_text(stream)
+            key = clients.as_text(stream)
             for entry_id, fields in items:
                 batch.append((key, entry_id.decode(), fields))
         return await self._deliver(batch)
@@ -199,7 +199,7 @@ class Persister:
                         raise
                     await self._repair_groups([key])  # nothing to claim from a new group
                     break
-                self._claim_cursor[key] = as_text(res[0])
+                self._claim_cursor[key] = clients.as_text(res[0])
                 claimed += len(res[1])
                 items = [(key, eid.decode(), f) for eid, f in res[1] if f]
                 if items:
@@ -254,7 +254,7 @@ class Persister:
         info: Any = await self._b.redis.xpending_range(
             key, s.consumer_group, min=items[0][1], max=items[-1][1], count=len(items),
         )
-        times = {as_text(p["message_id"]): int(p["times_delivered"]) for p in info}
+        times = {clients.as_text(p["message_id"]): int(p["times_delivered"]) for p in info}
         bound = s.consumer_max_deliveries
         keep = []
         retry: list[tuple[tuple[str, str, dict[bytes, bytes]], Order]] = []

@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from flashsale.core.backends import Conn
+from flashsale.core.clients import Conn, as_text
 from flashsale.validate import ORDER_ID_RE, iso_ms
 
 STREAM_ORDER_ID = b"o"  # the stream entry's fields: the order id, and the record
@@ -80,10 +80,6 @@ def created_ms_of(order_id: str) -> int:
     return int(order_id[16:27], 16) if ORDER_ID_RE.fullmatch(order_id) else 0
 
 
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
 def _order(
     order_id: str, sale_id: str, user: str, qty: str | bytes, amount: str | bytes,
     expires: str | bytes, created: str | bytes, key: str, entry_id: str = "",
@@ -98,7 +94,7 @@ def _order(
 def from_record(sale_id: str, order_id: str, record: bytes | str, entry_id: str = "") -> Order:
     """An order from its record (a pending hash value, a stream entry's ``r``)."""
     try:
-        user, qty, amount, expires, created, key = _text(record).split(SEP)
+        user, qty, amount, expires, created, key = as_text(record).split(SEP)
         return _order(order_id, sale_id, user, qty, amount, expires, created, key, entry_id)
     except (ValueError, UnicodeDecodeError) as exc:
         raise Malformed(f"{entry_id or order_id}: {exc!r}") from exc

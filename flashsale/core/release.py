@@ -27,16 +27,19 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 from redis.exceptions import RedisError
 
-from flashsale.core import events, record
-from flashsale.core.backends import Backends, Conn
+from flashsale.core import events, record, scripts
+from flashsale.core.clients import Conn
 from flashsale.core.record import Order
 from flashsale.core.statuses import RELEASABLE
 from flashsale.ops import logs
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.core.release")
 
@@ -157,12 +160,14 @@ async def in_redis(b: Backends, orders: Iterable[tuple[str, str]]) -> dict[str, 
         k = b.keys(sale_id)
         for i in range(0, len(ids), RELEASE_CHUNK):
             chunk = ids[i:i + RELEASE_CHUNK]
-            qtys = await b.scripts.release(keys=[k.sale, k.users, k.holds], args=chunk)
-            for order_id, raw in zip(chunk, qtys, strict=True):
-                qty = out[order_id] = int(raw)
+            qtys = scripts.released(
+                await b.scripts.release(keys=[k.sale, k.users, k.holds], args=chunk))
+            for order_id, qty in zip(chunk, qtys, strict=True):
+                out[order_id] = qty
                 if qty > 0:
                     returned.append((order_id, sale_id, qty))
-    done = [order_id for order_id, qty in out.items() if qty >= 0]
+    done = [order_id for order_id, qty in out.items()
+            if qty != scripts.RELEASE_SALE_MISSING]
     if done:
         await b.pg.execute(
             "UPDATE releases SET redis_released_at = now() "

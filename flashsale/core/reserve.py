@@ -33,7 +33,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
-from flashsale.core.backends import Backends, RedisUnverified, as_text
+from flashsale.core.backends import Backends, RedisUnverified
+from flashsale.core.clients import as_text
 from flashsale.core.keys import SaleKeys
 from flashsale.core.outcomes import (
     CLAIM_MARGIN_S,

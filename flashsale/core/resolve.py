@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from redis.asyncio import RedisCluster
@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from flashsale import errors
 from flashsale.core import release
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.clients import as_text
 from flashsale.core.outcomes import (
     NOT_RESERVED,
     OUTCOME_UNKNOWN,
@@ -50,6 +50,9 @@ from flashsale.core.scripts import (
     ReserveCode,
 )
 from flashsale.core.statuses import HOLDING
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger(__name__)
 

@@ -15,18 +15,21 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 from redis.exceptions import RedisError
 
 from flashsale import errors, validate
-from flashsale.core.backends import Backends, Conn, as_text
+from flashsale.core.clients import Conn, as_text
 from flashsale.core.scripts import Ended, Loaded, Restocked
 from flashsale.core.statuses import SaleStatus
 from flashsale.room.settings import RoomSettings, public_of_row
 from flashsale.schemas import bounds
-from flashsale.schemas.bodies import SaleCreate
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
+    from flashsale.schemas.bodies import SaleCreate
 
 log = logging.getLogger("flashsale.core.sales")
 

@@ -3,14 +3,26 @@
 Scripts live in ``lua/`` (shipped as package data). redis-py's
 ``register_script`` runs EVALSHA and reloads the script on NOSCRIPT, so a
 Redis restart with an empty script cache costs one extra round trip.
+
+A script run by its SHA cannot call another, so code that several scripts
+share lives in ``lua/lib/`` and a script names it with a line of its own::
+
+    -- @include "lib/checks.lua"
+
+``source`` replaces that line with the file's text (whose own includes are
+resolved the same way), each file once per script: a second include of it,
+directly or through another file, adds nothing. An include that is missing,
+malformed or outside ``lua/`` fails the load (``ScriptSourceError``), never a
+call.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 from redis.asyncio import Redis, RedisCluster
 from redis.commands.core import AsyncScript
@@ -28,6 +40,45 @@ def lua_dir() -> Path:
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("lua/ scripts not found next to the flashsale package")
+
+
+_INCLUDE = re.compile(r"^--\s*@include\b(.*)$", re.MULTILINE)
+_INCLUDE_PATH = re.compile(r'\s+"([^"]+)"\s*')
+MAX_INCLUDE_DEPTH = 8
+
+
+class ScriptSourceError(Exception):
+    """A script's include is missing, malformed, outside lua/ or nested too deep."""
+
+
+def source(fname: str, base: Path | None = None) -> str:
+    """The text of lua/``fname`` with its includes inlined, as Redis runs it."""
+    root = (base or lua_dir()).resolve()
+    return _inlined(root, root / fname, fname, set(), 0)
+
+
+def _inlined(root: Path, path: Path, name: str, seen: set[Path], depth: int) -> str:
+    if depth > MAX_INCLUDE_DEPTH:
+        raise ScriptSourceError(f"{name}: includes nested deeper than {MAX_INCLUDE_DEPTH}")
+    seen.add(path)
+    text = path.read_text()
+
+    def expand(m: re.Match[str]) -> str:
+        line = text.count("\n", 0, m.start()) + 1
+        where = f"{name}, line {line}"
+        arg = _INCLUDE_PATH.fullmatch(m.group(1))
+        if arg is None:
+            raise ScriptSourceError(f"{where}: malformed include {m.group(0)!r}")
+        target = (root / arg.group(1)).resolve()
+        if not target.is_relative_to(root):
+            raise ScriptSourceError(f"{where}: include {arg.group(1)!r} is outside {root}")
+        if not target.is_file():
+            raise ScriptSourceError(f"{where}: include {arg.group(1)!r} not found in {root}")
+        if target in seen:
+            return f"-- (included above: {arg.group(1)})"
+        return _inlined(root, target, arg.group(1), seen, depth + 1).rstrip("\n")
+
+    return _INCLUDE.sub(expand, text)
 
 
 SCRIPT_FILES = {
@@ -73,10 +124,12 @@ class Scripts:
     forget_idempotency: AsyncScript
 
     @classmethod
-    def register(cls, redis: RedisClient) -> Scripts:
-        base = lua_dir()
+    def register(cls, redis: RedisClient, base: Path | None = None) -> Scripts:
+        """Every script, its includes inlined (``source``); nothing is sent to
+        Redis yet. Raises ``ScriptSourceError`` for a missing or bad include."""
+        root = base or lua_dir()
         loaded: dict[str, Any] = {
-            name: redis.register_script((base / fname).read_text())
+            name: redis.register_script(source(fname, root))
             for name, fname in SCRIPT_FILES.items()
         }
         return cls(**loaded)
@@ -170,8 +223,7 @@ def released(raw: list[Any]) -> list[int]:
     return [int(q) for q in raw]
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLettered:
+class DeadLettered(NamedTuple):
     """dead_letter-6.lua: whether the entry moved to the dead-letter stream, and
     the quantity its hold gave back (both 0 when it was no longer pending)."""
 

@@ -15,11 +15,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.clients import as_text
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.ops.heartbeat")
 

@@ -10,17 +10,19 @@ sales is two PostgreSQL statements and one Redis pipeline.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from redis.exceptions import ResponseError
 
 from flashsale import validate
 from flashsale.core import ledger, live_sales, sales
-from flashsale.core.backends import Backends
 from flashsale.core.statuses import LEDGER_FIGURES, PERSISTED
 from flashsale.ops import heartbeat
 from flashsale.room.tickets import figures_many as room_figures
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 FIGURES = LEDGER_FIGURES  # the ledger's figures, as the dashboard shows them
 

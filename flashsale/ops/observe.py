@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale.commerce import payment_inbox
 from flashsale.core import live_sales
-from flashsale.core.backends import Backends
 from flashsale.ops import live
 from flashsale.ops.metrics import Metrics
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.ops.observe")
 

@@ -24,12 +24,15 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.clients import as_text
 from flashsale.ops.metrics import LATENCY_BUCKETS_S, Metrics
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.ops.stats")
 

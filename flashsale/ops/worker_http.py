@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from flashsale.ops.metrics import Metrics
-from flashsale.web.middleware import json_response
+from flashsale.web.replies import json_response
 
 log = logging.getLogger("flashsale.ops.worker_http")
 

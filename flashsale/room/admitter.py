@@ -19,7 +19,8 @@ import time
 from redis.exceptions import RedisError, ResponseError
 
 from flashsale.core import live_sales
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.room import keys as rk
 from flashsale.room.results import AdmitCode, AdmitStep, CloseCode
 

@@ -10,7 +10,7 @@ from enum import IntEnum
 from typing import Any, TypeVar
 
 from flashsale import errors
-from flashsale.core.backends import as_text
+from flashsale.core.clients import as_text
 from flashsale.room.eta import RoomNow
 
 Code = TypeVar("Code", bound=IntEnum)

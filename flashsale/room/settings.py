@@ -7,11 +7,12 @@ into Redis's sale hash.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from flashsale.schemas.bodies import WaitingRoom
+if TYPE_CHECKING:
+    from flashsale.schemas.bodies import WaitingRoom
 
 
 @dataclass(frozen=True, slots=True)

@@ -153,7 +153,7 @@ async def _up(s: Settings) -> int:
 
 async def _serve(s: Settings, workers: Workers, *, announce: bool) -> int:
     stop = runtime.stop_event()
-    runner = await front.start(create_app(s, workers), s, s.host, s.port,
+    runner = await front.start(create_app(s, workers, roles.loops), s, s.host, s.port,
                                reuse_port=True, backlog=4096)
     port = front.bound_port(runner)
     if announce:

@@ -13,17 +13,19 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale.commerce.integrations import Integrations
 from flashsale.commerce.saga import SagaRunner
 from flashsale.core import ledger, live_sales
-from flashsale.core.backends import Backends
 from flashsale.core.compensate import Compensator
 from flashsale.core.events import Notifier
 from flashsale.core.persist import run_consumers
 from flashsale.ops.metrics import Metrics
 from flashsale.room.admitter import Admitter
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Request bodies, each declared once: what msgspec decodes and the OpenAPI document states.
 
 Each is read by a :class:`flashsale.schemas.decode.BodyReader` (strict:
-exact JSON types, integers as integer literals, no unknown field). What JSON
+exact JSON types, integers as JSON Schema's (``2.0`` is 2), no unknown field). What JSON
 Schema cannot say is checked in ``__post_init__`` (control characters) or by
 the code that turns the shape into a domain object (a sale's timestamps:
 flashsale/core/sales.py), and said in the field's description.

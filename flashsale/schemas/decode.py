@@ -7,6 +7,12 @@ for orjson + the hand-written checks it replaced). A failure becomes
 ``InvalidRequest`` whose message names the field and the rule, read from
 the shape's own declaration (its bounds, its Literal values), never echoing
 the input. Only failures pay for building the message.
+
+Integers are JSON Schema's: a number with a zero fraction is that integer
+(``2.0``, ``2e0`` and ``2`` are the same request), while ``2.5``, ``"2"`` and
+``true`` are not integers. msgspec's strict mode refuses ``2.0``; only a body
+it refused for a float where it wanted an integer pays for the second look
+(``_whole_floats_as_ints``, then the same strict decoder again).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ NOT_OBJECT: Final = "the request body must be a JSON object"
 NOT_JSON: Final = "the request body is not valid JSON"
 _AT: Final = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _QUOTED: Final = re.compile(r"`([^`]*)`")
+_GOT_FLOAT: Final = "got `float`"
 _KINDS: Final = {
     "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
     "object": "an object", "array": "an array",
@@ -48,13 +55,41 @@ class BodyReader(Generic[T]):
         try:
             return self._decoder.decode(raw)
         except msgspec.ValidationError as exc:
-            raise InvalidRequest(message(self.shape, str(exc), raw)) from None
+            error = str(exc)
         except msgspec.DecodeError:
             if raw.strip():
                 raise InvalidRequest(NOT_JSON) from None
             if self._empty is None:
                 raise InvalidRequest(NOT_OBJECT) from None
             return self._empty
+        if _GOT_FLOAT in error:  # 2.0 where an integer goes? JSON Schema's integer
+            respelled = _whole_floats_as_ints(raw)
+            if respelled is not None:
+                try:
+                    return self._decoder.decode(respelled)
+                except msgspec.ValidationError as exc:
+                    error = str(exc)
+        raise InvalidRequest(message(self.shape, error, raw))
+
+
+def _whole_floats_as_ints(raw: bytes) -> bytes | None:
+    """``raw`` with every number that has a zero fraction written as the integer
+    it is (a float-typed field takes the integer alike); None when ``raw`` is not
+    JSON a plain decode can read. Iterative: the body is at most MAX_BODY_BYTES."""
+    try:
+        root: Any = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    holder = [root]
+    stack: list[Any] = [holder]
+    while stack:
+        node = stack.pop()
+        for key, value in list(node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+            elif isinstance(value, dict | list):
+                stack.append(value)
+    return msgspec.json.encode(holder[0])
 
 
 def message(shape: type[Any], error: str, raw: bytes) -> str:

@@ -20,7 +20,8 @@ _CONTROL: Final = re.compile(bounds.CONTROL_CHARACTER)
 TEXT_NOTE: Final = "No control characters."
 ENUM_ORDER: Final = "x-enum-order"
 INTEGER_NOTE: Final = (
-    "A JSON integer literal: `2`, never `2.0` or `2e0` (those are 400 `invalid_request`)."
+    "An integer as JSON Schema counts one: `2`, `2.0` and `2e0` are the same; "
+    "`2.5`, `\"2\"` and `true` are 400 `invalid_request`."
 )
 
 
@@ -45,7 +46,8 @@ def plain_text(name: str, value: str) -> None:
 
 
 def integer(lo: int, hi: int | None = None, description: str = "", *, request: bool = True) -> Meta:
-    """An integer in lo..hi; in a request, written as a JSON integer (msgspec's strict mode)."""
+    """An integer in lo..hi; in a request, any JSON number with a zero fraction
+    (JSON Schema's ``integer``: flashsale/schemas/decode.py)."""
     note = f"{description} {INTEGER_NOTE}" if request else description
     return Meta(ge=lo, le=hi, description=note.strip() or None)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from aiohttp import web
 
@@ -20,37 +19,21 @@ from flashsale.core import sales
 from flashsale.ops.stats import StatsFlusher
 from flashsale.web import events_stream
 from flashsale.web.keys import AUTH, BACKENDS, METRICS
-from flashsale.web.middleware import json_response
+from flashsale.web.pages import static_page
+from flashsale.web.replies import json_response
 
-STATIC = Path(__file__).resolve().parent / "static"
-# the page runs only its own script and talks only to this origin
-PAGE_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
 ASSETS = {"admin.js": "application/javascript", "admin.css": "text/css"}
 
 
-def _static(name: str, content_type: str) -> web.Response:
-    body = (STATIC / name).read_bytes()
-    return web.Response(body=body, content_type=content_type, charset="utf-8",
-                        headers=PAGE_HEADERS)
-
-
 async def page(_request: web.Request) -> web.Response:
-    return _static("admin.html", "text/html")
+    return static_page("admin.html", "text/html")
 
 
 async def asset(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     if name not in ASSETS:
         raise web.HTTPNotFound()
-    return _static(name, ASSETS[name])
+    return static_page(name, ASSETS[name])
 
 
 async def end_sale(request: web.Request) -> web.Response:

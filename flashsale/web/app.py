@@ -1,22 +1,28 @@
-"""The app factory: pools and background tasks opened and closed in cleanup_ctx."""
+"""The app factory: pools and background tasks opened and closed in cleanup_ctx.
+
+The app runs whatever background loops it is handed (``LoopsFor``: the roles'
+one list, flashsale/run/roles.py, given by the CLI and the tests); the HTTP
+front itself knows no loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from flashsale.auth import Authenticator
+from flashsale.commerce.integrations import Integrations
 from flashsale.config import Settings
-from flashsale.core.backends import open_backends
+from flashsale.core.backends import Backends, open_backends
 from flashsale.core.reserve import Reserver
 from flashsale.ops import heartbeat
 from flashsale.ops.metrics import Metrics
 from flashsale.room.tickets import lottery_draws
-from flashsale.run import roles
 from flashsale.web import admin, ops, payments, request_id, room, routes
 from flashsale.web.admission import Admission
 from flashsale.web.keys import (
@@ -47,6 +53,19 @@ class Workers:
     compensator: bool = False
     saga: bool = False  # the fulfilment saga and the notifier; also run with the compensator
 
+    @property
+    def any(self) -> bool:
+        return self.consumer or self.compensator or self.saga
+
+
+class LoopsFor(Protocol):
+    """Builds the background loops of the roles asked for (``flashsale.run.roles.loops``)."""
+
+    def __call__(
+        self, b: Backends, m: Metrics, *, consumer: bool, compensator: bool, saga: bool,
+        integrations: Integrations | None,
+    ) -> list[Callable[[asyncio.Event], Coroutine[Any, Any, None]]]: ...
+
 
 async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
     async with open_backends(app[SETTINGS], guarded=True) as b:
@@ -64,12 +83,12 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _workers_ctx(
-    workers: Workers,
+    workers: Workers, loops_for: LoopsFor | None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
         b, m = app[BACKENDS], app[METRICS]
-        loops = roles.loops(
+        loops = [] if loops_for is None else loops_for(
             b, m, consumer=workers.consumer, compensator=workers.compensator,
             saga=workers.saga, integrations=app[INTEGRATIONS] if (
                 workers.saga or workers.compensator) else None,
@@ -87,7 +106,13 @@ def _workers_ctx(
     return ctx
 
 
-def create_app(settings: Settings, workers: Workers | None = None) -> web.Application:
+def create_app(
+    settings: Settings, workers: Workers | None = None, loops_for: LoopsFor | None = None,
+) -> web.Application:
+    """The HTTP front; with ``workers``, also their loops, built by ``loops_for``."""
+    workers = workers or Workers()
+    if workers.any and loops_for is None:
+        raise ValueError("workers need their loops: pass loops_for (flashsale.run.roles.loops)")
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware],
         client_max_size=settings.body_max_bytes,
@@ -102,7 +127,7 @@ def create_app(settings: Settings, workers: Workers | None = None) -> web.Applic
         limited_delay_s=settings.rate_limited_delay_s,
     )
     app.cleanup_ctx.append(_backends_ctx)
-    app.cleanup_ctx.append(_workers_ctx(workers or Workers()))
+    app.cleanup_ctx.append(_workers_ctx(workers, loops_for))
     routes.add_routes(app)
     ops.add_routes(app)
     payments.setup(app)

@@ -17,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from flashsale import errors
-from flashsale.core.backends import Backends
 from flashsale.ops import live
 from flashsale.ops.stats import SeriesReader
 from flashsale.web.keys import AUTH, BACKENDS, SETTINGS
+
+if TYPE_CHECKING:
+    from flashsale.core.backends import Backends
 
 log = logging.getLogger("flashsale.web.events")
 

@@ -44,7 +44,7 @@ from aiohttp.web_request import BaseRequest
 
 from flashsale.config import Settings
 from flashsale.web.keys import SETTINGS
-from flashsale.web.middleware import error_response
+from flashsale.web.replies import error_response
 
 log = logging.getLogger("flashsale.web.front")
 

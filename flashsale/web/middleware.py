@@ -11,7 +11,6 @@ import asyncio
 import logging
 
 import asyncpg
-import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -19,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale import errors
 from flashsale.web.keys import ADMISSION, METRICS
+from flashsale.web.replies import error_response
 
 log = logging.getLogger("flashsale.web")
 
@@ -30,17 +30,6 @@ _HTTP_CODES = {
     413: "invalid_request",
     415: "invalid_request",
 }
-
-
-def json_response(body: object, status: int = 200) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
-
-
-def error_response(status: int, code: str, message: str, retry_after_s: int | None) -> web.Response:
-    resp = json_response({"error": {"code": code, "message": message}}, status)
-    if retry_after_s is not None:
-        resp.headers["Retry-After"] = str(retry_after_s)
-    return resp
 
 
 def from_domain(exc: errors.FlashsaleError) -> web.Response:

@@ -40,8 +40,8 @@ SCHEMA_REF: Final = "#/components/schemas/{name}"
 BODY_LIMIT_NOTE: Final = (
     f"The raw body may be at most {bounds.MAX_BODY_BYTES // 1024} KiB "
     f"({bounds.MAX_BODY_BYTES} bytes); larger bodies get 400 `invalid_request`. Integers are "
-    "JSON integer literals: JSON Schema's `integer` also admits `2.0`, flashsale does not "
-    "(`2.0` and `2e0` are 400 `invalid_request`, as every integer field says)."
+    "JSON Schema's `integer`: a number with a zero fraction (`2.0`, `2e0`) is that integer, "
+    "`2.5` is not."
 )
 # keywords that constrain one JSON type only: {X, type: T} | null == {X, type: [T, null]}
 _TYPE_BOUND_KEYWORDS: Final = frozenset({

@@ -10,8 +10,8 @@ from aiohttp import web
 from flashsale.core import migrate
 from flashsale.ops import observe
 from flashsale.web.keys import BACKENDS, METRICS
-from flashsale.web.middleware import json_response
 from flashsale.web.openapi import build_openapi
+from flashsale.web.replies import json_response
 
 CHECK_TIMEOUT_S = 1.0
 

@@ -17,7 +17,7 @@ from flashsale.schemas.bodies import GatewaySettle, NoBody
 from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
 from flashsale.web.keys import BACKENDS, INTEGRATIONS, SETTINGS
-from flashsale.web.middleware import json_response
+from flashsale.web.replies import json_response
 from flashsale.web.routes import admin, buyer, read_body
 
 WEBHOOK_PATH = "/api/v1/payments/webhook"

@@ -10,9 +10,9 @@ from flashsale.room import tickets
 from flashsale.schemas.bodies import WaitingRoomPatch
 from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
-from flashsale.web.admin import PAGE_HEADERS, STATIC
 from flashsale.web.keys import BACKENDS, LOTTERY
-from flashsale.web.middleware import json_response
+from flashsale.web.pages import static_page
+from flashsale.web.replies import json_response
 from flashsale.web.routes import _missing_in_redis, admin, buyer, read_body
 
 READ_PATCH = BodyReader(WaitingRoomPatch)
@@ -60,18 +60,13 @@ async def patch_room(request: web.Request) -> web.Response:
     )
 
 
-def _static(name: str, content_type: str) -> web.Response:
-    return web.Response(body=(STATIC / name).read_bytes(), content_type=content_type,
-                        charset="utf-8", headers=PAGE_HEADERS)
-
-
 async def wait_page(request: web.Request) -> web.Response:
     validate.sale_id(request.match_info["sale_id"])
-    return _static("wait.html", "text/html")
+    return static_page("wait.html", "text/html")
 
 
 async def wait_script(_request: web.Request) -> web.Response:
-    return _static("wait.js", "application/javascript")
+    return static_page("wait.js", "application/javascript")
 
 
 def setup(app: web.Application) -> None:

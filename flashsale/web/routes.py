@@ -21,7 +21,7 @@ from flashsale.schemas.bodies import OrderCreate, Restock, SaleCreate
 from flashsale.schemas.decode import BodyReader
 from flashsale.web import front
 from flashsale.web.keys import ADMISSION, AUTH, BACKENDS, METRICS, REBUILDS, RESERVER, SETTINGS
-from flashsale.web.middleware import json_response
+from flashsale.web.replies import json_response
 
 READ_SALE = BodyReader(SaleCreate)
 READ_RESTOCK = BodyReader(Restock)

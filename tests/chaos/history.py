@@ -66,7 +66,8 @@ from typing import Any, NewType, Protocol
 
 import aiohttp
 
-from flashsale.core.backends import Backends, as_text
+from flashsale.core.backends import Backends
+from flashsale.core.clients import as_text
 from flashsale.core.compensate import Compensator
 from flashsale.ops.metrics import Metrics
 

@@ -4,11 +4,10 @@ Loaded by the ``schemathesis`` CLI that tests/chaos/test_schemathesis.py runs
 against a live app. What JSON Schema cannot say about this API, taught to the
 generator (positive cases only; negative cases go out exactly as generated):
 
-* **Integers are written as integers.** JSON Schema counts ``2.0`` as an
-  integer and Schemathesis sends such spellings on purpose; flashsale rejects
-  them by design (``{"quantity": 1.0}`` is a 400 in tests/integration/
-  test_bad_input.py; the spec says so in every request body's description).
-  Whole floats are spelled as integers again.
+(Integers need no help: JSON Schema counts ``2.0`` as an integer, Schemathesis
+sends such spellings on purpose, and flashsale accepts them as that integer,
+tests/integration/test_shapes.py::test_integer_rule_is_the_published_one.)
+
 * **A sale's window**: ``ends_at`` after ``starts_at``, years 2000–9000 (the
   spec's field descriptions): positive ``createSale`` bodies are moved inside.
 * **Webhooks are signed.** ``Flashsale-Signature`` is an HMAC of the raw body
@@ -57,7 +56,6 @@ from flashsale.schemas.bounds import SIGNATURE_PATTERN
 from tests.support import WEBHOOK_SECRET
 
 _SIGNATURE_RE = re.compile(SIGNATURE_PATTERN)
-_EXACT_FLOAT = 2**53
 _KEY_MAX = 128
 CREATE_SALE = "POST /api/v1/sales"
 CREATE_ORDER = "POST /api/v1/sales/{sale_id}/orders"
@@ -75,16 +73,6 @@ PROBE_TIMEOUT_S = 10.0
 
 
 # --------------------------------------------------------------------------- generation
-
-
-def _whole_floats_as_ints(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_FLOAT:
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_whole_floats_as_ints(v) for v in value]
-    return value
 
 
 def _parse_ts(value: Any) -> datetime | None:
@@ -160,17 +148,11 @@ def _sign_webhook(case: Any) -> None:
 
 
 @schemathesis.hook
-def map_body(context: schemathesis.HookContext, body: Any) -> Any:
-    return _whole_floats_as_ints(body)
-
-
-@schemathesis.hook
 def before_call(context: schemathesis.HookContext, case: Any, kwargs: dict[str, Any]) -> None:
     label = case.operation.label
     if _is_positive(case):
-        if isinstance(case.body, dict):  # every phase (the coverage phase skips map_body)
-            body = _whole_floats_as_ints(case.body)
-            case.body = _sale_window(body) if label == CREATE_SALE else body
+        if isinstance(case.body, dict) and label == CREATE_SALE:
+            case.body = _sale_window(case.body)
         if label == CREATE_ORDER:
             _key_per_sale(case)
     if label == WEBHOOK:

@@ -95,7 +95,7 @@ from hypothesis.stateful import (
 from flashsale.commerce import orders as flashsale_orders
 from flashsale.config import Settings
 from flashsale.core import record
-from flashsale.core.backends import as_text
+from flashsale.core.clients import as_text
 from flashsale.core.compensate import Compensator
 from flashsale.core.deduct import persist_batch
 from flashsale.core.persist import Persister

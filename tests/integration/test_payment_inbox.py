@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.core.backends import as_text
+from flashsale.core.clients import as_text
 from flashsale.core.compensate import Compensator
 from flashsale.ops.metrics import Metrics
 from tests.commerce import Shop, running_shop, shop_settings

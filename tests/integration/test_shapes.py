@@ -10,10 +10,12 @@ way round, fails here.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import msgspec
 import pytest
+from openapi_schema_validator import OAS31Validator
 
 from flashsale.room.admitter import Admitter
 from flashsale.schemas import bounds, responses
@@ -86,26 +88,51 @@ async def test_every_answer_fits_its_shape(api: Api) -> None:
     fits(responses.Error, body)
 
 
+_BETWEEN = f"quantity must be between 1 and {bounds.MAX_QUANTITY}"
+_NOT_INT = "quantity must be an integer"
+
+
 @pytest.mark.parametrize(
-    ("raw", "status", "message"),
+    ("what", "raw", "status", "message"),
     [
-        # the rule the document states: integers are JSON integer literals
-        (b'{"quantity": 1000000.0}', 400, "quantity must be an integer"),
-        (b'{"quantity": 1e6}', 400, "quantity must be an integer"),
-        (b'{"quantity": 1000001}', 400, f"quantity must be between 1 and {bounds.MAX_QUANTITY}"),
-        (b'{"quantity": 1000000}', 202, None),
+        # JSON Schema's integer, the rule the document states: a zero fraction is the integer
+        ("order", b'{"quantity": 2}', 202, None),
+        ("order", b'{"quantity": 2.0}', 202, None),
+        ("order", b'{"quantity": 2e0}', 202, None),
+        ("order", b'{"quantity": 1000000.0}', 202, None),
+        ("order", b'{"quantity": 1e6}', 202, None),
+        ("order", b'{"quantity": 2.5}', 400, _NOT_INT),
+        ("order", b'{"quantity": 2.000001}', 400, _NOT_INT),
+        ("order", b'{"quantity": "2"}', 400, _NOT_INT),
+        ("order", b'{"quantity": true}', 400, _NOT_INT),
+        ("order", b'{"quantity": 1000001}', 400, _BETWEEN),
+        ("order", b'{"quantity": 1000001.0}', 400, _BETWEEN),
+        ("order", b'{"quantity": 0.0}', 400, _BETWEEN),
+        ("restock", b'{"quantity": 3.0}', 200, None),
+        ("restock", b'{"quantity": 3.5}', 400, _NOT_INT),
     ],
 )
-async def test_order_quantity_rule_is_the_published_one(
-    api: Api, raw: bytes, status: int, message: str | None
+async def test_integer_rule_is_the_published_one(
+    api: Api, what: str, raw: bytes, status: int, message: str | None
 ) -> None:
+    """The server accepts exactly the integers the OpenAPI document's schema accepts."""
     sale = await api.create_sale(stock=bounds.MAX_QUANTITY, per_user_limit=bounds.MAX_QUANTITY)
-    got, body, _ = await api.request(
-        "POST", f"/api/v1/sales/{sale['sale_id']}/orders", data=raw, headers=api.buyer("carol")
+    path, headers = (
+        (f"/api/v1/sales/{sale['sale_id']}/orders", api.buyer("carol")) if what == "order"
+        else (f"/api/v1/sales/{sale['sale_id']}/restock", api.admin)
     )
+    got, body, _ = await api.request("POST", path, data=raw, headers=headers)
     assert got == status, body
     if message is not None:
         assert body == {"error": {"code": "invalid_request", "message": message}}
+    elif what == "order":  # the order holds the integer, written as one
+        assert body["quantity"] == int(json.loads(raw)["quantity"])
+        assert type(body["quantity"]) is int
+    _, doc, _ = await api.request("GET", "/openapi.json")
+    schema = doc["paths"][path.replace(sale["sale_id"], "{sale_id}")]["post"]["requestBody"]
+    validator = OAS31Validator({**schema["content"]["application/json"]["schema"],
+                                "components": doc["components"]})
+    assert validator.is_valid(json.loads(raw)) == (got < 400), (raw, got)
 
 
 async def test_every_waiting_room_answer_fits_its_shape(api: Api) -> None:

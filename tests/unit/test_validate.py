@@ -128,7 +128,7 @@ def test_no_unknown() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [0, -1, 11, 1.0, 1.5, "1", "", None, True, False, [1], {"v": 1}, 2**63, 10**20,
+    [0, -1, 11, 0.0, 11.0, 1.5, "1", "", None, True, False, [1], {"v": 1}, 2**63, 10**20,
      float("nan"), float("inf")],
 )
 def test_integer_rejects(value: object) -> None:
@@ -137,9 +137,11 @@ def test_integer_rejects(value: object) -> None:
     assert "q" in info.value.message
 
 
-@pytest.mark.parametrize("value", [1, 5, 10])
-def test_integer_accepts_bounds_inclusive(value: int) -> None:
-    assert _integer({"q": value}, "q", 1, 10) == value
+@pytest.mark.parametrize("value", [1, 5, 10, 1.0, 10.0, 5e0])
+def test_integer_accepts_bounds_inclusive(value: float) -> None:
+    """JSON Schema's integer: a number with a zero fraction is that integer."""
+    got = _integer({"q": value}, "q", 1, 10)
+    assert got == value and type(got) is int
 
 
 def test_integer_missing_and_default() -> None:
