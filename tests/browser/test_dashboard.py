@@ -66,14 +66,29 @@ async def in_thread(fn: Callable[[], T]) -> T:
 
 
 def shown(driver: WebDriver, sale_id: str) -> dict[str, int | None]:
-    out: dict[str, int | None] = {}
-    for f in FIGURES:
-        els = driver.find_elements(
-            By.CSS_SELECTOR, f'article[data-sale="{sale_id}"] td[data-figure="{f}"]'
-        )
-        text = els[0].text.strip() if els else ""
-        out[f] = int(text) if text.lstrip("-").isdigit() else None
-    return out
+    """The sale card's figures, read in one script: one render's (the page
+    redraws on every event, so elements found in one call can be gone by the next)."""
+    texts: dict[str, str] = driver.execute_script(
+        "const card = document.querySelector(`article[data-sale=\"${arguments[0]}\"]`);"
+        "const out = {};"
+        "for (const f of arguments[1]) {"
+        "  const td = card && card.querySelector(`td[data-figure=\"${f}\"]`);"
+        "  out[f] = td ? td.textContent.trim() : '';"
+        "}"
+        "return out;",
+        sale_id, list(FIGURES),
+    )
+    return {f: int(t) if t.lstrip("-").isdigit() else None for f, t in texts.items()}
+
+
+def attributes(driver: WebDriver, css: str, *names: str) -> list[list[str | None]]:
+    """Attributes of every element matching ``css``, read in one script (one render)."""
+    rows: list[list[str | None]] = driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".map(e => arguments[1].map(n => e.getAttribute(n)));",
+        css, list(names),
+    )
+    return rows
 
 
 @pytest.fixture
@@ -134,15 +149,12 @@ async def test_dashboard_shows_the_ledger_and_restocks(live_api: Api) -> None:
         assert expected["awaiting_payment"] > 0
 
         # workers shown alive; the charts have the burst
-        pills = await in_thread(lambda: {
-            e.get_attribute("data-role"): e.get_attribute("data-alive")
-            for e in driver.find_elements(By.CSS_SELECTOR, "#workers .worker")})
+        pills = {role: alive for role, alive in await in_thread(lambda: attributes(
+            driver, "#workers .worker", "data-role", "data-alive"))}
         assert pills.get("consumer", "0") != "0" and pills.get("compensator", "0") != "0", pills
         async def charted(legend: str) -> bool:
-            names = await in_thread(lambda: [e.get_attribute("data-series") for e in
-                                             driver.find_elements(By.CSS_SELECTOR,
-                                                                  f"{legend} span")])
-            return "accepted" in names
+            rows = await in_thread(lambda: attributes(driver, f"{legend} span", "data-series"))
+            return ["accepted"] in rows
         # the service's rate chart, and the sale card's own
         for legend in ("#legend-rate", f'article[data-sale="{sid}"] .sale-legend-rate'):
             for _ in range(60):

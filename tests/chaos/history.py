@@ -76,6 +76,7 @@ OpId = NewType("OpId", int)
 HOLDING = frozenset({"awaiting_payment", "paid", "shipped"})
 RELEASED = frozenset({"cancelled", "expired", "failed"})
 UNKNOWN_OUTCOME_MARK = "outcome is unknown"  # flashsale/core/outcomes.py, Redis timeout
+LEDGER_RETRY_S = 20.0  # a front answering 503 while it finds Redis again (HttpReader.ledger)
 
 
 class Outcome(StrEnum):
@@ -176,12 +177,21 @@ class HttpReader:
     admin_token: str
 
     async def ledger(self, sale_id: str) -> dict[str, Any]:
+        """The ledger, as a client reads it: a 503 (the front still finding or
+        verifying Redis, e.g. Sentinel answering no master for a moment after a
+        failover) is retried after its Retry-After, for at most LEDGER_RETRY_S."""
         headers = {"Authorization": f"Bearer {self.admin_token}"}
         url = f"{self.base}/api/v1/admin/sales/{sale_id}/ledger"
-        async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
-            body: dict[str, Any] = await r.json(content_type=None)
-            assert r.status == 200, (r.status, body)
-            return body
+        deadline = time.monotonic() + LEDGER_RETRY_S
+        async with aiohttp.ClientSession() as s:
+            while True:
+                async with s.get(url, headers=headers) as r:
+                    body: dict[str, Any] = await r.json(content_type=None)
+                    retry_s = float(r.headers.get("Retry-After", "1"))
+                if r.status != 503 or time.monotonic() + retry_s > deadline:
+                    assert r.status == 200, (r.status, body)
+                    return body
+                await asyncio.sleep(retry_s)
 
 
 # --------------------------------------------------------------------------- verdict
