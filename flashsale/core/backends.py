@@ -202,6 +202,15 @@ async def close_redis(redis: RedisClient) -> None:
             await pool.sentinel_manager.aclose()
 
 
+async def _keep_session(conn: object) -> None:
+    """A pooled connection's reset on release: nothing beyond asyncpg's own
+    (which rolls back a transaction left open). asyncpg's default sends
+    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` -- a further
+    round trip on every pool use -- to undo session state; flashsale keeps none
+    on pooled connections (no SET, LISTEN or cursor outside a transaction;
+    core/migrate.py releases its advisory lock itself)."""
+
+
 async def pg_pool(settings: Settings) -> asyncpg.Pool:
     assert settings.database_url, "database_url must be set (embedded servers fill it in)"
     pool = await asyncpg.create_pool(
@@ -210,6 +219,7 @@ async def pg_pool(settings: Settings) -> asyncpg.Pool:
         max_size=settings.pg_pool_max,
         timeout=settings.pg_timeout_s,
         command_timeout=settings.pg_timeout_s * 6,
+        reset=_keep_session,
     )
     assert pool is not None
     return pool
