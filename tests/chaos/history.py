@@ -66,6 +66,7 @@ from typing import Any, NewType, Protocol
 
 import aiohttp
 
+from flashsale.core import ledger
 from flashsale.core.backends import Backends
 from flashsale.core.clients import as_text
 from flashsale.core.compensate import Compensator
@@ -442,8 +443,12 @@ async def read_state(api: Reader, sale_id: str) -> SaleState:
 
 
 async def settle(b: Backends, sale_id: str, timeout_s: float = 60.0) -> None:
-    """Wait until the sale's stream is drained (a consumer of our own helps) and every
-    release and restock is finished in Redis (the compensator's outbox sweeps)."""
+    """Wait until the sale's stream is drained (a consumer of our own helps), Redis
+    holds what PostgreSQL persisted (the compensate role's rebuild sweep, run here
+    once drained: a primary that took over without writes a stale one took and the
+    consumer persisted is behind the watermark and rebuilt -- production's 5 s
+    sweep, or the next new connection's check) and every release and restock is
+    finished in Redis (the compensator's outbox sweeps)."""
     from flashsale.core.persist import Persister
 
     persister = Persister(b, Metrics(), name=f"history-check-{sale_id}")
@@ -453,6 +458,7 @@ async def settle(b: Backends, sale_id: str, timeout_s: float = 60.0) -> None:
     while True:
         await persister.step()
         if int(await b.redis.xlen(k.stream)) == 0:
+            await ledger.rebuild_missing(b)
             open_releases = await b.pg.fetchval(
                 "SELECT count(*) FROM releases WHERE sale_id = $1 AND redis_released_at IS NULL",
                 sale_id,
