@@ -38,8 +38,11 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
     try:
-        if request.content.is_eof():  # all of it has arrived (the common case): no timer
-            return await _read_bounded(request.content, limit)
+        if request.content.is_eof():  # all of it has arrived (the common case): no timer,
+            body = request.content.read_nowait()  # no await: it is in the buffer
+            if len(body) > limit:
+                raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+            return body
         async with asyncio.timeout(settings.http_body_timeout_s):
             return await _read_bounded(request.content, limit)
     except TimeoutError:
