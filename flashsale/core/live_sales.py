@@ -74,13 +74,11 @@ RETURNING s.sale_id
 """
 
 
-_PAGE_FIRST = f"""
-SELECT sale_id, created_at FROM sales WHERE {_LIVE}
-ORDER BY created_at DESC, sale_id LIMIT $1
-"""
-_PAGE_AFTER = f"""
+# keyset paging on the index's order; no cursor ($2 NULL) is the first page
+_PAGE = f"""
 SELECT sale_id, created_at FROM sales
-WHERE {_LIVE} AND (created_at < $2 OR (created_at = $2 AND sale_id > $3))
+WHERE {_LIVE} AND ($2::timestamptz IS NULL OR created_at < $2
+                   OR (created_at = $2 AND sale_id > $3))
 ORDER BY created_at DESC, sale_id LIMIT $1
 """
 
@@ -104,12 +102,9 @@ async def pages(b: Backends, size: int) -> AsyncIterator[list[str]]:
     """Every live sale's id, newest first, at most ``size`` at a time (keyset
     paging on the index's order, so each page is one bounded statement and a
     sale created meanwhile never shifts the pages)."""
-    after: tuple[datetime, str] | None = None
+    after: tuple[datetime | None, str] = (None, "")
     while True:
-        if after is None:
-            got = await b.pg.fetch(_PAGE_FIRST, size)
-        else:
-            got = await b.pg.fetch(_PAGE_AFTER, size, *after)
+        got = await b.pg.fetch(_PAGE, size, *after)
         if got:
             yield [r["sale_id"] for r in got]
             after = (got[-1]["created_at"], got[-1]["sale_id"])
