@@ -36,12 +36,12 @@ async def read_body(request: web.Request) -> bytes:
     settings = request.app[SETTINGS]
     limit = settings.body_max_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+        raise _too_large(limit)
     try:
         if request.content.is_eof():  # all of it has arrived (the common case): no timer,
             body = request.content.read_nowait()  # no await: it is in the buffer
             if len(body) > limit:
-                raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+                raise _too_large(limit)
             return body
         async with asyncio.timeout(settings.http_body_timeout_s):
             return await _read_bounded(request.content, limit)
@@ -61,8 +61,12 @@ async def _read_bounded(content: StreamReader, limit: int) -> bytes:
         parts.append(chunk)
         size += len(chunk)
         if size > limit:
-            raise errors.InvalidRequest(f"the request body is larger than {limit} bytes")
+            raise _too_large(limit)
     return b"".join(parts)
+
+
+def _too_large(limit: int) -> errors.InvalidRequest:
+    return errors.InvalidRequest(f"the request body is larger than {limit} bytes")
 
 
 def buyer(request: web.Request) -> str:
